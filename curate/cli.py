@@ -1,0 +1,122 @@
+"""The ``curate`` command line: run, validate, schema, demo."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from curate.errors import CurateError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Curate vision-language pre-training data with Ray.")
+_debug = False
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and Ray logs.")] = False,
+          verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log progress at INFO level.")] = False) -> None:
+    global _debug
+    _debug = debug
+    logging.basicConfig(level=logging.DEBUG if debug else (logging.INFO if verbose else logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(e: BaseException) -> None:
+    if _debug:
+        raise e
+    msg = str(e) or e.__class__.__name__
+    if not isinstance(e, CurateError):
+        msg = f"{e.__class__.__name__}: {msg} (run with --debug for the traceback)"
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    input: Annotated[Optional[str], typer.Option("-i", "--input", help="Replace source.path.")] = None,  # noqa: A002, UP007
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Replace write.output.")] = None,  # noqa: UP007
+    set_: Annotated[list[str], typer.Option("--set", help="Override a recipe key: dotted.key=value.")] = [],  # noqa: B006
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Join this Ray cluster.")] = None,  # noqa: UP007
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress")] = None,  # noqa: UP007
+) -> None:
+    """Run RECIPE; re-running the same command resumes where it stopped."""
+    from curate.recipe import load_recipe
+    from curate.runner import run as run_recipe
+
+    try:
+        r = load_recipe(recipe, overrides=set_, input_path=input, output_path=output, ray_address=ray_address)
+        manifest = run_recipe(r, overwrite=overwrite, progress=progress)
+    except (CurateError, Exception) as e:  # noqa: BLE001 - one-paragraph error for the user
+        _fail(e)
+        return
+    _print_summary(manifest, r.write.output or "")
+
+
+def _print_summary(manifest, output: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = manifest.counts
+    console = Console(stderr=False)
+    table = Table(title=f"curate: {c.input} rows in, {c.kept} kept")
+    for col in ("stage", "in", "kept", "dropped", "top reasons", "seconds"):
+        table.add_column(col)
+    for s in manifest.stages:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.dropped.items(), key=lambda kv: -kv[1])[:4])
+        table.add_row(s.name, str(s.rows_in), str(s.kept), str(sum(s.dropped.values())), reasons, f"{s.seconds:.1f}")
+    console.print(table)
+    console.print(f"output: {output}  (manifest.json, {len(manifest.shards)} shard files, ledger/)")
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a recipe key: dotted.key=value.")] = [],  # noqa: B006
+    check_input: Annotated[bool, typer.Option("--check-input/--no-check-input",
+                                              help="Also open the input and check its columns.")] = True,
+) -> None:
+    """Check a recipe (and its input's columns) without running anything."""
+    from curate.recipe import load_recipe
+
+    try:
+        r = load_recipe(recipe, overrides=set_)
+        if check_input:
+            from curate.sources.base import make_source
+
+            make_source(r.source).validate()
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+        return
+    typer.echo(f"{recipe}: ok ({len(r.stages)} stages: {', '.join(s.name or s.use for s in r.stages) or 'none'})")
+
+
+@app.command()
+def schema(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder for the JSON Schemas.")] = Path("schemas"),
+) -> None:
+    """Write JSON Schemas for the recipe, the manifest and a ledger row."""
+    from curate.schemas import all_schemas
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, sch in all_schemas().items():
+        (out / name).write_text(json.dumps(sch, indent=2, sort_keys=True) + "\n")
+        typer.echo(f"wrote {out / name}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted; re-run the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Errors a user can act on. The CLI prints them as one paragraph, no traceback."""
+
+from __future__ import annotations
+
+
+class CurateError(Exception):
+    """Base class: something the user can fix (recipe, input, output)."""
+
+
+class RecipeError(CurateError):
+    """A recipe problem, located by file, line and key path."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 key: str | None = None) -> None:
+        self.file, self.line, self.key, self.detail = file, line, key, message
+        where = ""
+        if file:
+            where = f"{file}:{line}: " if line else f"{file}: "
+        if key:
+            where += f"{key}: "
+        super().__init__(where + message)
+
+
+class InputError(CurateError):
+    """The source data is missing or has the wrong shape."""
+
+
+class OutputError(CurateError):
+    """The output location cannot be used as asked (e.g. it holds another recipe's run)."""

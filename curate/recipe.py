@@ -1,0 +1,321 @@
+"""Recipes: YAML validated by pydantic, with errors that name file, line and key.
+
+>>> from curate.recipe import load_recipe
+>>> r = load_recipe("pipelines/download.yaml", overrides=["write.samples_per_shard=500"])  # doctest: +SKIP
+>>> r.write.samples_per_shard                                                          # doctest: +SKIP
+500
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from curate.errors import RecipeError
+from curate.stages import REGISTRY, StageConfig
+
+SOURCE_FORMATS = ("auto", "parquet", "csv", "tsv", "json", "jsonl", "txt", "webdataset")
+
+
+class SourceConfig(BaseModel):
+    """Where the samples come from: a URL list, WebDataset tars, or Parquet with image bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str | list[str] = Field(description="File, folder or glob; any fsspec URL (s3://, memory://).")
+    format: Literal[SOURCE_FORMATS] = "auto"  # type: ignore[valid-type]
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    image_col: str = Field("image", description="Parquet sources: column with image bytes.")
+    key_col: str | None = Field(None, description="Use this input column as the sample key.")
+    columns: list[str] | None = Field(
+        None, description="Input columns to carry through to the outputs; default: all of them."
+    )
+
+
+class WriteConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    output: str | None = Field(None, description="Output root (fsspec path); `-o` sets it.")
+    formats: list[Literal["webdataset", "parquet"]] = Field(default_factory=lambda: ["webdataset", "parquet"])
+    samples_per_shard: int = Field(10000, ge=1, description="Rows per input shard, as img2dataset.")
+    caption_column: str = Field("caption", description="Column written as KEY.txt.")
+
+
+class RuntimeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ray_address: str | None = Field(None, description="Join this Ray cluster; default: start a local one.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
+    batch_size: int = Field(512, ge=1, description="Rows per batch handed to a stage.")
+    read_batch_rows: int = Field(1024, ge=1, description="Rows per batch the source readers emit.")
+
+
+class Recipe(BaseModel):
+    """A whole run: source → stages → write, plus runtime settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: SourceConfig
+    stages: list[StageConfig] = Field(default_factory=list)
+    write: WriteConfig = Field(default_factory=WriteConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    def fingerprint(self) -> str:
+        """Hash of what decides the output (runtime settings excluded)."""
+        data = self.model_dump(mode="json", include={"source", "stages", "write"})
+        data["write"].pop("output", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def resolved(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- YAML with lines
+
+
+@dataclass
+class _Doc:
+    file: str
+    data: Any
+    lines: dict[tuple, int] = field(default_factory=dict)
+
+
+def _node_lines(node: yaml.Node, path: tuple, out: dict[tuple, int]) -> None:
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = k.value
+            out[path + (key,)] = k.start_mark.line + 1
+            _node_lines(v, path + (key,), out)
+            out[path + (key,)] = k.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _node_lines(v, path + (i,), out)
+
+
+def _load_yaml(path: str | os.PathLike) -> _Doc:
+    p = Path(path)
+    if not p.exists():
+        raise RecipeError(f"file not found: {p}")
+    text = p.read_text()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise RecipeError(f"invalid YAML: {getattr(e, 'problem', e)}", file=str(p),
+                          line=mark.line + 1 if mark else None) from e
+    lines: dict[tuple, int] = {}
+    if node is not None:
+        _node_lines(node, (), lines)
+    return _Doc(str(p), data, lines)
+
+
+def _keypath(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _line_for(doc: _Doc, loc: tuple) -> int | None:
+    loc = tuple(loc)
+    while loc:
+        if loc in doc.lines:
+            return doc.lines[loc]
+        loc = loc[:-1]
+    return doc.lines.get(())
+
+
+# ---------------------------------------------------------------- presets
+
+
+def preset_dirs() -> list[Path]:
+    """Where ``preset:`` names are looked up: $CURATE_FILTERS_PATH, the checkout, the wheel."""
+    dirs = [Path(p) for p in os.environ.get("CURATE_FILTERS_PATH", "").split(os.pathsep) if p]
+    here = Path(__file__).resolve().parent
+    dirs += [here.parent / "filters", here / "_bundled" / "filters"]
+    return dirs
+
+
+def bundled_path(kind: str, name: str) -> Path | None:
+    """A file shipped with curate (``pipelines/`` or ``filters/``), from a checkout or a wheel."""
+    here = Path(__file__).resolve().parent
+    for base in (here.parent / kind, here / "_bundled" / kind):
+        if (base / name).exists():
+            return base / name
+    return None
+
+
+def _find_preset(name: str, recipe_file: str) -> Path:
+    candidates = [Path(recipe_file).parent / name] if name.endswith((".yaml", ".yml")) else []
+    for d in preset_dirs():
+        candidates += [d / f"{name}.yaml", d / name]
+    for c in candidates:
+        if c.is_file():
+            return c
+    known = sorted({p.stem for d in preset_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+    raise RecipeError(f"unknown preset {name!r}; known presets: {', '.join(known) or 'none'}")
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def _apply_override(data: dict, expr: str) -> tuple:
+    if "=" not in expr:
+        raise RecipeError(f"--set {expr!r}: expected dotted.key=value")
+    key, raw = expr.split("=", 1)
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {expr!r}: value is not valid YAML: {e}") from e
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                raise RecipeError(f"--set {key}: no list item {part} at {_keypath(parts[:i])}")
+            node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {key}: {_keypath(parts[:i])} is not a mapping")
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or last >= len(node):
+            raise RecipeError(f"--set {key}: no list item {last}")
+        node[last] = value
+    else:
+        node[last] = value
+    return tuple(parts)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(
+    path: str | os.PathLike,
+    *,
+    overrides: Iterable[str] = (),
+    input_path: str | None = None,
+    output_path: str | None = None,
+    ray_address: str | None = None,
+) -> Recipe:
+    """Load, splice presets, apply overrides and validate a recipe file.
+
+    Every error is a :class:`RecipeError` naming the file, the line and the key path.
+    """
+    doc = _load_yaml(path)
+    data = doc.data
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe is a mapping with keys source, stages, write, runtime", file=doc.file, line=1)
+    set_keys: dict[tuple, str] = {}
+    for expr in overrides:
+        set_keys[_apply_override(data, expr)] = expr
+    if input_path is not None:
+        data.setdefault("source", {})
+        if not isinstance(data["source"], dict):
+            raise RecipeError("source must be a mapping", file=doc.file, line=_line_for(doc, ("source",)))
+        data["source"]["path"] = input_path
+    if output_path is not None:
+        data.setdefault("write", {})
+        data["write"]["output"] = output_path
+    if ray_address is not None:
+        data.setdefault("runtime", {})
+        data["runtime"]["ray_address"] = ray_address
+
+    def fail(loc: tuple, msg: str, origin: _Doc | None = None) -> RecipeError:
+        for k, expr in set_keys.items():
+            if tuple(loc[: len(k)]) == k:
+                return RecipeError(msg, file=f"--set {expr}", key=_keypath(loc))
+        d = origin or doc
+        return RecipeError(msg, file=d.file, line=_line_for(d, loc), key=_keypath(loc))
+
+    # Stages: splice presets, then validate each against its own Config.
+    raw_stages = data.get("stages") or []
+    if not isinstance(raw_stages, list):
+        raise fail(("stages",), "must be a list of {use: NAME, ...options}")
+    stages: list[StageConfig] = []
+    for i, entry in enumerate(raw_stages):
+        loc = ("stages", i)
+        if isinstance(entry, dict) and "preset" in entry:
+            if set(entry) != {"preset"}:
+                raise fail(loc, "a preset entry takes only `preset: NAME`")
+            try:
+                preset_file = _find_preset(str(entry["preset"]), doc.file)
+            except RecipeError as e:
+                raise fail(loc + ("preset",), e.detail) from None
+            pdoc = _load_yaml(preset_file)
+            pstages = pdoc.data.get("stages") if isinstance(pdoc.data, dict) else None
+            if not isinstance(pstages, list):
+                raise RecipeError("a preset is a mapping with a `stages:` list", file=pdoc.file, line=1)
+            for j, pentry in enumerate(pstages):
+                if isinstance(pentry, dict) and "preset" in pentry:
+                    raise fail(("stages", j), "presets cannot include presets", pdoc)
+                stages.append(_validate_stage(pentry, ("stages", j), lambda lc, m, d=pdoc: fail(lc, m, d)))
+        else:
+            stages.append(_validate_stage(entry, loc, fail))
+    names: dict[str, int] = {}
+    for i, s in enumerate(stages):
+        n = s.name or s.use
+        if n in names or n in ("source", "download_source"):
+            raise fail(("stages", i), f"stage name {n!r} is used twice; give one of them `name:`")
+        names[n] = i
+
+    rest = {k: v for k, v in data.items() if k != "stages"}
+    try:
+        recipe = Recipe.model_validate(rest)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise fail(tuple(err["loc"]), _msg(err)) from None
+    recipe.stages = stages
+    return recipe
+
+
+def _msg(err: dict) -> str:
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    if "input" in err and err["type"] not in ("missing", "extra_forbidden") and not isinstance(err["input"], dict):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def _validate_stage(entry: Any, loc: tuple, fail) -> StageConfig:
+    if not isinstance(entry, dict) or "use" not in entry:
+        raise fail(loc, "each stage is a mapping with `use: NAME` (or `preset: NAME`)")
+    use = entry["use"]
+    if use not in REGISTRY:
+        raise fail(loc + ("use",), f"unknown stage {use!r}; known stages: {', '.join(sorted(REGISTRY))}")
+    try:
+        return REGISTRY[use].Config.model_validate(entry)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise fail(loc + tuple(err["loc"]), _msg(err)) from None
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON Schema of a recipe, with every registered stage's options."""
+    configs = tuple(cls.Config for cls in sorted(REGISTRY.values(), key=lambda c: c.name))
+    StageUnion = Annotated[Union[configs], Field(discriminator="use")]  # noqa: UP007
+
+    class PresetEntry(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        preset: str = Field(description="Name of a file in filters/ whose stages are spliced in here.")
+
+    class RecipeSchema(Recipe):
+        stages: list[Union[StageUnion, PresetEntry]] = Field(default_factory=list)  # type: ignore[assignment]  # noqa: UP007
+
+    schema = RecipeSchema.model_json_schema()
+    schema["title"] = "curate recipe"
+    return schema

@@ -1,0 +1,98 @@
+"""The row contract: one Arrow row per sample, from source to ledger.
+
+Every sample keeps its row through the whole pipeline. A stage never deletes a
+row; it marks it dropped (``status``, ``dropped_by``, ``reason``) and the image
+bytes are released. Columns that start with ``_`` are internal bookkeeping of the
+runner and never reach the outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+KEY = "key"
+URL = "url"
+CAPTION = "caption"
+STATUS = "status"
+DROPPED_BY = "dropped_by"
+REASON = "reason"
+IMAGE = "image"
+IMAGE_FORMAT = "image_format"
+SHA256 = "sha256"
+
+KEPT = "kept"
+DROPPED = "dropped"
+
+SHARD = "_shard"  # input shard id (int64)
+SHARD_ROWS = "_shard_rows"  # set on the last batch of a shard: the shard's row count
+
+#: Columns the pipeline owns; a source column with one of these names is renamed ``source_<name>``.
+RESERVED = frozenset({KEY, URL, CAPTION, STATUS, DROPPED_BY, REASON, IMAGE, IMAGE_FORMAT, SHA256})
+
+BASE_FIELDS = [
+    pa.field(KEY, pa.string()),
+    pa.field(URL, pa.string()),
+    pa.field(CAPTION, pa.string()),
+    pa.field(STATUS, pa.string()),
+    pa.field(DROPPED_BY, pa.string()),
+    pa.field(REASON, pa.string()),
+]
+
+
+def timing_column(stage_name: str) -> str:
+    return f"_t_{stage_name}"
+
+
+def is_internal(column: str) -> bool:
+    return column.startswith("_")
+
+
+def live_mask(table: pa.Table) -> pa.ChunkedArray:
+    return pc.equal(table[STATUS], KEPT)
+
+
+def with_column(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """Set or replace a column."""
+    idx = table.schema.get_field_index(name)
+    if idx >= 0:
+        return table.set_column(idx, name, values)
+    return table.append_column(name, values)
+
+
+def mark_dropped(table: pa.Table, reasons: Sequence[str | None], stage_name: str) -> pa.Table:
+    """Mark rows whose reason is not None as dropped by ``stage_name``; drop their image bytes.
+
+    Rows already dropped keep their first reason: the ledger says who dropped a
+    sample first, which is the stage that decided its fate.
+    """
+    if len(reasons) != table.num_rows:
+        raise ValueError(f"{stage_name}: {len(reasons)} reasons for {table.num_rows} rows")
+    if not any(r is not None for r in reasons):
+        return table
+    status = table[STATUS].to_pylist()
+    dropped_by = table[DROPPED_BY].to_pylist()
+    reason_col = table[REASON].to_pylist()
+    newly = [False] * table.num_rows
+    for i, r in enumerate(reasons):
+        if r is not None and status[i] == KEPT:
+            status[i], dropped_by[i], reason_col[i], newly[i] = DROPPED, stage_name, r, True
+    table = with_column(table, STATUS, pa.array(status, pa.string()))
+    table = with_column(table, DROPPED_BY, pa.array(dropped_by, pa.string()))
+    table = with_column(table, REASON, pa.array(reason_col, pa.string()))
+    if IMAGE in table.column_names:
+        table = with_column(
+            table, IMAGE, pc.if_else(pa.array(newly), pa.nulls(table.num_rows, pa.binary()),
+                                     table[IMAGE].cast(pa.binary()))
+        )
+    return table
+
+
+def concat(tables: Sequence[pa.Table]) -> pa.Table:
+    """Concatenate batches whose column sets or null-typed columns differ."""
+    tables = [t for t in tables if t is not None]
+    if not tables:
+        return pa.table({})
+    return pa.concat_tables(tables, promote_options="permissive")

@@ -1,0 +1,674 @@
+"""Run a recipe on Ray Data: per-sample phases, global phases between them, sinks at the end.
+
+The plan::
+
+    source ─► [map stages] ─► parts ─► commit ─► (global stages) ─► [map stages] ─► parts ─► finalize
+
+Input shards are the unit of work and of resume. Rows carry their shard id
+(``_shard``); the last batch of a shard carries the shard's row count
+(``_shard_rows``). Every per-sample phase ends in a writer that stores
+whatever rows reach it as a *part* file and reports (shard, rows, part) to the
+driver; when a shard's rows are all accounted for, the driver commits it with a
+marker listing its parts. No shuffle is needed and nothing waits for a whole
+shard in memory. In the last phase a committed shard is *finalized* by a Ray
+task into WebDataset/Parquet shards, its ledger and its stats; its ``_done``
+marker is written last. Re-running skips every shard that has one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate import __version__, rows
+from curate.errors import CurateError, OutputError
+from curate.manifest import Counts, Manifest, ShardEntry, StageCounters
+from curate.recipe import Recipe
+from curate.sinks.base import kept_rows
+from curate.sinks.parquet import write_ledger, write_parquet_shard
+from curate.sinks.webdataset import write_webdataset
+from curate.sources.base import Source, make_source
+from curate.stages import REGISTRY, GlobalStage, Stage, StageConfig
+
+log = logging.getLogger(__name__)
+
+WORK = "_work"
+DONE = "_done"
+MAX_FINALIZE_IN_FLIGHT = 8  # finalize tasks queued at once; each holds one shard's parts in memory
+
+
+# ------------------------------------------------------------------ plan
+
+
+@dataclass
+class Phase:
+    index: int
+    stages: list[StageConfig]
+    globals_after: list[StageConfig] = field(default_factory=list)
+    final: bool = False
+
+
+def make_phases(stages: list[StageConfig]) -> list[Phase]:
+    """Split the stage list at global stages: [map…] [global…] [map…] …"""
+    phases = [Phase(0, [])]
+    for cfg in stages:
+        cls = REGISTRY[cfg.use]
+        if cls.kind == "global":
+            phases[-1].globals_after.append(cfg)
+        else:
+            if phases[-1].globals_after:
+                phases.append(Phase(len(phases), []))
+            phases[-1].stages.append(cfg)
+    if phases[-1].globals_after:
+        phases.append(Phase(len(phases), []))
+    phases[-1].final = True
+    return phases
+
+
+def stage_name(cfg: StageConfig) -> str:
+    return cfg.name or cfg.use
+
+
+# ------------------------------------------------------------------ paths
+
+
+class Layout:
+    """Where everything lives under the output root (any fsspec URL)."""
+
+    def __init__(self, output: str) -> None:
+        self.root = output.rstrip("/")
+        self.fs, self._root = fsspec.core.url_to_fs(self.root)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def work(self, *parts: str) -> str:
+        return self.path(WORK, *parts)
+
+    def marker(self, phase: int, shard: int) -> str:
+        return self.work(f"p{phase}", f"{shard:05d}.json")
+
+    def done(self, shard: int) -> str:
+        return self.path(DONE, f"{shard:05d}.json")
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def read_json(self, path: str) -> Any:
+        with self.fs.open(path, "r") as f:
+            return json.load(f)
+
+    def write_json(self, path: str, data: Any) -> None:
+        tmp = path + f".tmp{uuid.uuid4().hex[:8]}"
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        self.fs.mv(tmp, path)
+
+    def listdir_names(self, path: str) -> list[str]:
+        try:
+            return [p.rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            return []
+
+
+def _json_write(path: str, data: Any) -> None:
+    fs, p = fsspec.core.url_to_fs(path)
+    tmp = p + f".tmp{uuid.uuid4().hex[:8]}"
+    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    fs.mv(tmp, p)
+
+
+# ------------------------------------------------------------------ UDFs (run on Ray workers)
+
+_STAGE_CACHE: dict[str, Stage] = {}
+
+
+def _stage_for(cfg: StageConfig) -> Stage:
+    ident = f"{cfg.use}:{cfg.model_dump_json()}"
+    stage = _STAGE_CACHE.get(ident)
+    if stage is None:
+        stage = REGISTRY[cfg.use](cfg)
+        stage.setup()
+        _STAGE_CACHE[ident] = stage
+    return stage
+
+
+def _apply_stage(batch: pa.Table, cfg: StageConfig) -> pa.Table:
+    return _stage_for(cfg)(batch)
+
+
+class _StageActor:
+    """Actor-pool wrapper for model stages: ``setup()`` runs once per actor."""
+
+    def __init__(self, cfg: StageConfig) -> None:
+        self.stage = REGISTRY[cfg.use](cfg)
+        self.stage.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.stage(batch)
+
+
+def _read_shards(items: pa.Table, *, source: Source | None, decisions_dir: str | None,
+                 global_names: list[str], batch_rows: int) -> Iterator[pa.Table]:
+    """Yield the rows of each shard in ``items``; the last batch carries the shard's row count."""
+    for spec_json in items["spec"].to_pylist():
+        spec = json.loads(spec_json)
+        shard = spec["shard"]
+        it = _read_parts(spec, batch_rows) if spec["kind"] == "parts" else source.read_shard(spec, batch_rows)
+        if spec["kind"] == "parts" and global_names:
+            it = _join_decisions(it, shard, decisions_dir, global_names)
+        total = 0
+        prev: pa.Table | None = None
+        for batch in it:
+            if batch.num_rows == 0:
+                continue
+            total += batch.num_rows
+            if prev is not None:
+                yield _tag(prev, shard, None)
+            prev = batch
+        if prev is not None:
+            yield _tag(prev, shard, total)
+
+
+def _tag(t: pa.Table, shard: int, total: int | None) -> pa.Table:
+    t = rows.with_column(t, rows.SHARD, pa.array([shard] * t.num_rows, pa.int64()))
+    return rows.with_column(t, rows.SHARD_ROWS, pa.array([total] * t.num_rows, pa.int64()))
+
+
+def _read_parts(spec: dict[str, Any], batch_rows: int) -> Iterator[pa.Table]:
+    for path in spec["parts"]:
+        with fsspec.open(path, "rb") as f:
+            for b in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+                t = pa.Table.from_batches([b])
+                yield t.drop([c for c in t.column_names if c in (rows.SHARD, rows.SHARD_ROWS)])
+
+
+def _join_decisions(it: Iterator[pa.Table], shard: int, decisions_dir: str,
+                    global_names: list[str]) -> Iterator[pa.Table]:
+    decided = []
+    for name in global_names:
+        path = f"{decisions_dir}/{name}.parquet"
+        with fsspec.open(path, "rb") as f:
+            d = pq.read_table(f, filters=[(rows.SHARD, "=", shard)])
+        decided.append((name, d.drop([rows.SHARD])))
+    for batch in it:
+        for name, d in decided:
+            batch = apply_decisions(batch, d, name)
+        yield batch
+
+
+def apply_decisions(batch: pa.Table, decisions: pa.Table, stage: str) -> pa.Table:
+    """Join a global stage's decisions (key, reason, extras) onto a batch and mark drops."""
+    if decisions.num_rows == 0:
+        extras = [c for c in decisions.column_names if c not in (rows.KEY, rows.REASON)]
+        for c in extras:
+            if c not in batch.column_names:
+                batch = batch.append_column(c, pa.nulls(batch.num_rows, decisions.schema.field(c).type))
+        return batch
+    index = {k: i for i, k in enumerate(decisions[rows.KEY].to_pylist())}
+    pos = pa.array([index.get(k) for k in batch[rows.KEY].to_pylist()], pa.int64())
+    for c in decisions.column_names:
+        if c in (rows.KEY, rows.REASON):
+            continue
+        batch = rows.with_column(batch, c, decisions[c].take(pos))
+    reasons = decisions[rows.REASON].take(pos).to_pylist()
+    return rows.mark_dropped(batch, reasons, stage)
+
+
+def _write_parts(batch: pa.Table, *, parts_dir: str) -> pa.Table:
+    """Store the batch as one part file per shard; report what was stored."""
+    out: dict[str, list] = {"shard": [], "rows": [], "total": [], "path": [], "seconds": []}
+    if batch.num_rows == 0:
+        return pa.table({"shard": pa.array([], pa.int64()), "rows": pa.array([], pa.int64()),
+                         "total": pa.array([], pa.int64()), "path": pa.array([], pa.string()),
+                         "seconds": pa.array([], pa.string())})
+    fs, root = fsspec.core.url_to_fs(parts_dir)
+    fs.makedirs(root, exist_ok=True)
+    shards = batch[rows.SHARD]
+    for shard in pc.unique(shards).to_pylist():
+        t = batch.filter(pc.equal(shards, shard))
+        totals = [x for x in pc.unique(t[rows.SHARD_ROWS]).to_pylist() if x is not None]
+        seconds = {c[3:]: pc.sum(t[c]).as_py() or 0.0 for c in t.column_names if c.startswith("_t_")}
+        t = t.drop([c for c in t.column_names if c.startswith("_t_") or c == rows.SHARD_ROWS])
+        name = f"{shard:05d}-{uuid.uuid4().hex[:12]}.parquet"
+        with fs.open(f"{root}/{name}", "wb") as f:
+            pq.write_table(t, f, compression="zstd")
+        out["shard"].append(shard)
+        out["rows"].append(t.num_rows)
+        out["total"].append(totals[0] if totals else None)
+        out["path"].append(_with_protocol(parts_dir, f"{root}/{name}"))
+        out["seconds"].append(json.dumps(seconds))
+    return pa.table({"shard": pa.array(out["shard"], pa.int64()), "rows": pa.array(out["rows"], pa.int64()),
+                     "total": pa.array(out["total"], pa.int64()), "path": pa.array(out["path"], pa.string()),
+                     "seconds": pa.array(out["seconds"], pa.string())})
+
+
+def _with_protocol(like: str, path: str) -> str:
+    if "://" in like and "://" not in path:
+        return like.split("://", 1)[0] + "://" + path
+    return path
+
+
+def finalize_shard(*, root: str, shard: int, parts: list[str], formats: list[str], caption_column: str,
+                   seconds: dict[str, float], started: float) -> dict[str, Any]:
+    """Write one committed shard's outputs, ledger and stats; the ``_done`` marker last."""
+    tables = []
+    for p in parts:
+        with fsspec.open(p, "rb") as f:
+            tables.append(pq.read_table(f))
+    table = rows.concat(tables) if tables else pa.table({})
+    table = table.drop([c for c in table.column_names if c == rows.SHARD])
+    if table.num_rows:
+        table = table.take(pc.sort_indices(table[rows.KEY]))
+    name = f"{shard:05d}"
+    outputs: list[dict[str, Any]] = []
+    kept = kept_rows(table) if table.num_rows else table
+    if kept.num_rows:
+        if "webdataset" in formats:
+            rel = f"webdataset/{name}.tar"
+            outputs.append({"path": rel, "format": "webdataset",
+                            "num_samples": write_webdataset(kept, f"{root}/{rel}", caption_column=caption_column)})
+        if "parquet" in formats:
+            rel = f"parquet/{name}.parquet"
+            outputs.append({"path": rel, "format": "parquet", "num_samples": write_parquet_shard(kept, f"{root}/{rel}")})
+    ledger_rel = f"ledger/{name}.parquet"
+    if table.num_rows:
+        write_ledger(table, f"{root}/{ledger_rel}")
+    dropped: dict[str, dict[str, int]] = {}
+    if table.num_rows:
+        for by, reason in zip(table[rows.DROPPED_BY].to_pylist(), table[rows.REASON].to_pylist(), strict=True):
+            if by is not None:
+                dropped.setdefault(by, {}).setdefault(reason or "unknown", 0)
+                dropped[by][reason or "unknown"] += 1
+    n_kept = kept.num_rows
+    status_dict = {"success": n_kept} if n_kept else {}
+    failed_dl = failed_resize = 0
+    for by, reasons in dropped.items():
+        for reason, n in reasons.items():
+            status_dict[reason] = status_dict.get(reason, 0) + n
+            if by == "download":
+                if reason.startswith(("image_", "decode", "resize")):
+                    failed_resize += n
+                else:
+                    failed_dl += n
+    now = time.time()
+    i2d_stats = {  # img2dataset's _stats.json fields, so its users' scripts keep working
+        "count": table.num_rows, "successes": n_kept, "failed_to_download": failed_dl,
+        "failed_to_resize": failed_resize, "duration": now - started, "start_time": started, "end_time": now,
+        "status_dict": status_dict,
+    }
+    _json_write(f"{root}/ledger/{name}_stats.json", i2d_stats)
+    done = {"shard": shard, "rows": table.num_rows, "kept": n_kept, "dropped": dropped, "seconds": seconds,
+            "outputs": outputs, "ledger": ledger_rel if table.num_rows else None}
+    _json_write(f"{root}/{DONE}/{name}.json", done)
+    return done
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _init_ray(recipe: Recipe) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
+                              "log_to_driver": os.environ.get("CURATE_RAY_LOGS") == "1"}
+    if recipe.runtime.ray_address:
+        import curate
+
+        kwargs["address"] = recipe.runtime.ray_address
+        kwargs["runtime_env"] = {"py_modules": [os.path.dirname(curate.__file__)]}
+    else:
+        kwargs["num_cpus"] = recipe.runtime.num_cpus
+    ray.init(**kwargs)
+
+
+def _data_context() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+    ctx.log_internal_stack_trace_to_stdout = False
+
+
+class Progress:
+    """A rich progress bar on a terminal, quiet log lines otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._p = None
+
+    def start(self, description: str, total: int | None) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("rows"), TimeElapsedColumn(), transient=False)
+        self._p.start()
+        self._task = self._p.add_task(description, total=total)
+
+    def advance(self, n: int) -> None:
+        if self._p is not None:
+            self._p.advance(self._task, n)
+
+    def stop(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+            self._p = None
+
+
+def prepare_output(recipe: Recipe, layout: Layout, overwrite: bool) -> None:
+    fp_path = layout.work("recipe.json")
+    fs = layout.fs
+    if layout.exists(layout.root):
+        names = [n for n in layout.listdir_names(layout.root)]
+        if names:
+            if overwrite:
+                for p in fs.ls(layout.root, detail=False):
+                    fs.rm(p, recursive=True)
+            elif not layout.exists(fp_path):
+                raise OutputError(
+                    f"output {layout.root} is not empty and holds no curate run; choose another -o or pass --overwrite"
+                )
+            else:
+                old = layout.read_json(fp_path)
+                if old.get("fingerprint") != recipe.fingerprint():
+                    raise OutputError(
+                        f"output {layout.root} holds a run of a different recipe (fingerprint "
+                        f"{old.get('fingerprint')} vs {recipe.fingerprint()}); pass --overwrite to replace it, "
+                        "or choose another -o"
+                    )
+    fs.makedirs(layout.work(), exist_ok=True)
+    if not layout.exists(fp_path):
+        layout.write_json(fp_path, {"fingerprint": recipe.fingerprint(), "recipe": recipe.resolved()})
+
+
+def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None) -> Manifest:
+    """Run a recipe to completion (resuming whatever an earlier run committed) and return its manifest."""
+    started = time.time()
+    if not recipe.write.output:
+        raise CurateError("no output location: set write.output in the recipe or pass -o DIR")
+    if progress is None:
+        progress = sys.stderr.isatty()
+    source = make_source(recipe.source)
+    source.validate()
+    stages = [REGISTRY[c.use](c) for c in recipe.stages]
+    del stages  # constructing validates cross-field options early; workers build their own
+    phases = make_phases(recipe.stages)
+    layout = Layout(recipe.write.output)
+    prepare_output(recipe, layout, overwrite)
+
+    plan_path = layout.work("plan.json")
+    if layout.exists(plan_path):
+        specs = layout.read_json(plan_path)["shards"]
+    else:
+        log.info("planning input shards")
+        specs = source.plan(layout.work(), recipe.write.samples_per_shard)
+        layout.write_json(plan_path, {"shards": specs})
+
+    _init_ray(recipe)
+    _data_context()
+    bar = Progress(bool(progress))
+    global_info: dict[str, dict[str, Any]] = {}
+    for phase in phases:
+        _run_phase(recipe, source, phase, specs, layout, bar, started)
+        if phase.globals_after:
+            global_info.update(_run_globals(phase, specs, layout))
+    manifest = write_manifest(recipe, layout, specs, global_info, started)
+    if manifest.complete:
+        _cleanup_work(layout, phases)
+    return manifest
+
+
+def _pending(phase: Phase, specs: list[dict], layout: Layout) -> list[dict]:
+    done = set(layout.listdir_names(layout.path(DONE)))
+    if phase.final:
+        return [s for s in specs if f"{s['shard']:05d}.json" not in done]
+    committed = set(layout.listdir_names(layout.work(f"p{phase.index}")))
+    todo = [s for s in specs if f"{s['shard']:05d}.json" not in committed]
+    return todo if len(done) < len(specs) else []
+
+
+def _run_phase(recipe: Recipe, source: Source, phase: Phase, specs: list[dict], layout: Layout,
+               bar: Progress, started: float) -> None:
+    import ray
+
+    pending = _pending(phase, specs, layout)
+    if not pending:
+        return
+    # A shard already committed in the final phase only needs finalizing (a crash hit between the two).
+    committed = set(layout.listdir_names(layout.work(f"p{phase.index}")))
+    finalize_only = [s for s in pending if f"{s['shard']:05d}.json" in committed]
+    to_run = [s for s in pending if f"{s['shard']:05d}.json" not in committed]
+
+    finalizer = ray.remote(num_cpus=0.25, max_retries=3)(finalize_shard)
+    in_flight: list = []
+
+    def finalize(shard: int, marker: dict) -> None:
+        nonlocal in_flight
+        in_flight.append(finalizer.remote(
+            root=layout.root, shard=shard, parts=marker["parts"], formats=recipe.write.formats,
+            caption_column=recipe.write.caption_column, seconds=marker["seconds"], started=started))
+        while len(in_flight) >= MAX_FINALIZE_IN_FLIGHT:
+            ready, in_flight = ray.wait(in_flight, num_returns=1)
+            ray.get(ready)
+
+    for s in finalize_only:
+        finalize(s["shard"], layout.read_json(layout.marker(phase.index, s["shard"])))
+
+    if to_run:
+        if phase.index == 0:
+            items = [json.dumps(s) for s in to_run]
+            global_names: list[str] = []
+        else:
+            prev = phase.index - 1
+            items = [json.dumps({"shard": s["shard"], "kind": "parts",
+                                 "parts": layout.read_json(layout.marker(prev, s["shard"]))["parts"]})
+                     for s in to_run]
+            global_names = [stage_name(g) for g in _phase_by_index(recipe, prev).globals_after]
+        ds = _build_dataset(recipe, source, phase, items, layout, global_names)
+        expected_rows = sum(s.get("rows", 0) for s in to_run) or None
+        bar.start(f"phase {phase.index + 1}: {len(to_run)} shards", expected_rows)
+        state: dict[int, dict[str, Any]] = {
+            s["shard"]: {"rows": 0, "total": None, "parts": [], "seconds": {}} for s in to_run
+        }
+        committed_now: set[int] = set()
+
+        def commit(shard: int) -> None:
+            st = state[shard]
+            marker = {"shard": shard, "rows": st["rows"], "parts": st["parts"], "seconds": st["seconds"]}
+            if phase.index > 0:  # carry the seconds of earlier phases
+                prev_marker = layout.read_json(layout.marker(phase.index - 1, shard))
+                for k, v in prev_marker["seconds"].items():
+                    marker["seconds"][k] = marker["seconds"].get(k, 0.0) + v
+            layout.write_json(layout.marker(phase.index, shard), marker)
+            committed_now.add(shard)
+            if phase.final:
+                finalize(shard, marker)
+
+        try:
+            for out in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                for r in out.to_pylist():
+                    st = state[r["shard"]]
+                    st["rows"] += r["rows"]
+                    st["parts"].append(r["path"])
+                    for k, v in json.loads(r["seconds"]).items():
+                        st["seconds"][k] = st["seconds"].get(k, 0.0) + v
+                    if r["total"] is not None:
+                        st["total"] = r["total"]
+                    bar.advance(r["rows"])
+                    if st["total"] is not None:
+                        if st["rows"] == st["total"]:
+                            commit(r["shard"])
+                        elif st["rows"] > st["total"]:
+                            raise RuntimeError(f"shard {r['shard']}: {st['rows']} rows written, {st['total']} read")
+        finally:
+            bar.stop()
+        for shard, st in state.items():
+            if shard in committed_now:
+                continue
+            if st["rows"] == 0 and st["total"] is None:
+                commit(shard)  # an empty input shard
+            else:
+                raise RuntimeError(f"shard {shard}: only {st['rows']} of {st['total']} rows came back")
+    if in_flight:
+        ray.get(in_flight)
+
+
+def _phase_by_index(recipe: Recipe, index: int) -> Phase:
+    return make_phases(recipe.stages)[index]
+
+
+def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str], layout: Layout,
+                   global_names: list[str]):
+    import ray
+
+    ds = ray.data.from_items([{"spec": s} for s in items], override_num_blocks=len(items))
+    ds = ds.map_batches(
+        _read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+        fn_kwargs={"source": source if phase.index == 0 else None,
+                   "decisions_dir": layout.work(f"g{phase.index - 1}") if phase.index > 0 else None,
+                   "global_names": global_names, "batch_rows": recipe.runtime.read_batch_rows},
+    )
+    for cfg in phase.stages:
+        cls = REGISTRY[cfg.use]
+        res = cfg.resources
+        batch_size = res.batch_size or recipe.runtime.batch_size
+        if cls.stateful:
+            ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=batch_size,
+                                batch_format="pyarrow", concurrency=res.concurrency or 1,
+                                num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
+        else:
+            kwargs: dict[str, Any] = {}
+            if res.concurrency:
+                kwargs["concurrency"] = res.concurrency
+            ds = ds.map_batches(_apply_stage, fn_kwargs={"cfg": cfg}, batch_size=batch_size,
+                                batch_format="pyarrow", num_cpus=res.num_cpus, **kwargs)
+    parts_dir = layout.work(f"p{phase.index}", "parts")
+    return ds.map_batches(_write_parts, fn_kwargs={"parts_dir": parts_dir}, batch_size=None,
+                          batch_format="pyarrow", num_cpus=0.25)
+
+
+def _run_globals(phase: Phase, specs: list[dict], layout: Layout) -> dict[str, dict[str, Any]]:
+    """Run the global stages after ``phase`` over keys and small columns of every committed shard."""
+    gdir = layout.work(f"g{phase.index}")
+    names = [stage_name(g) for g in phase.globals_after]
+    info_path = f"{gdir}/_info.json"
+    if layout.exists(info_path):
+        return layout.read_json(info_path)
+    stages: list[GlobalStage] = [REGISTRY[g.use](g) for g in phase.globals_after]  # type: ignore[misc]
+    wanted = {rows.KEY, rows.STATUS, rows.DROPPED_BY, rows.REASON}
+    for st in stages:
+        wanted.update(st.input_columns())
+    tables = []
+    for s in specs:
+        marker = layout.read_json(layout.marker(phase.index, s["shard"]))
+        for p in marker["parts"]:
+            with fsspec.open(p, "rb") as f:
+                pf = pq.ParquetFile(f)
+                cols = [c for c in pf.schema_arrow.names if c in wanted]
+                t = pf.read(columns=cols)
+            tables.append(t.append_column(rows.SHARD, pa.array([s["shard"]] * t.num_rows, pa.int64())))
+    table = rows.concat(tables)
+    info: dict[str, dict[str, Any]] = {}
+    for st, name in zip(stages, names, strict=True):
+        t0 = time.perf_counter()
+        live = table.filter(pc.equal(table[rows.STATUS], rows.KEPT)) if table.num_rows else table
+        decisions, st_info = st.decide(live) if live.num_rows else (
+            pa.table({rows.KEY: pa.array([], pa.string()), rows.REASON: pa.array([], pa.string())}), {})
+        # Attach shard ids so each shard reads only its own decisions.
+        shard_of = dict(zip(live[rows.KEY].to_pylist(), live[rows.SHARD].to_pylist(), strict=True)) if live.num_rows else {}
+        decisions = decisions.append_column(
+            rows.SHARD, pa.array([shard_of[k] for k in decisions[rows.KEY].to_pylist()], pa.int64()))
+        decisions = decisions.take(pc.sort_indices(decisions, sort_keys=[(rows.SHARD, "ascending")]))
+        _write_table(f"{gdir}/{name}.parquet", decisions)
+        table = apply_decisions(table.drop([c for c in table.column_names if c not in wanted and c != rows.SHARD]),
+                                decisions.drop([rows.SHARD]), name) if table.num_rows else table
+        st_info["seconds"] = time.perf_counter() - t0
+        info[name] = st_info
+    layout.write_json(info_path, info)
+    return info
+
+
+def _write_table(path: str, table: pa.Table) -> None:
+    fs, p = fsspec.core.url_to_fs(path)
+    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(p + ".tmp", "wb") as f:
+        pq.write_table(table, f, row_group_size=8192)
+    fs.mv(p + ".tmp", p)
+
+
+def write_manifest(recipe: Recipe, layout: Layout, specs: list[dict], global_info: dict[str, dict[str, Any]],
+                   started: float) -> Manifest:
+    if not global_info:
+        for i in range(len(make_phases(recipe.stages))):
+            p = layout.work(f"g{i}", "_info.json")
+            if layout.exists(p):
+                global_info.update(layout.read_json(p))
+    dones = []
+    for s in specs:
+        p = layout.done(s["shard"])
+        if layout.exists(p):
+            dones.append(layout.read_json(p))
+    dones.sort(key=lambda d: d["shard"])
+    total = sum(d["rows"] for d in dones)
+    kept = sum(d["kept"] for d in dones)
+    dropped: dict[str, dict[str, int]] = {}
+    seconds: dict[str, float] = {}
+    for d in dones:
+        for by, reasons in d["dropped"].items():
+            for reason, n in reasons.items():
+                dropped.setdefault(by, {}).setdefault(reason, 0)
+                dropped[by][reason] += n
+        for k, v in d["seconds"].items():
+            seconds[k] = seconds.get(k, 0.0) + v
+    counters: list[StageCounters] = []
+    alive = total
+    order = [("source", "source", "source")] + [(stage_name(c), c.use, REGISTRY[c.use].kind) for c in recipe.stages]
+    for name, use, kind in order:
+        d = dropped.get(name, {})
+        n_drop = sum(d.values())
+        if name == "source" and not d:
+            continue
+        info = dict(global_info.get(name, {}))
+        secs = info.pop("seconds", None) if kind == "global" else seconds.get(name, 0.0)
+        counters.append(StageCounters(name=name, use=use, kind=kind, rows_in=alive, kept=alive - n_drop,
+                                      dropped=d, seconds=round(secs or 0.0, 3), info=info))
+        alive -= n_drop
+    shards = [ShardEntry(**o) for d in dones for o in d["outputs"]]
+    manifest = Manifest(
+        curate_version=__version__, recipe=recipe.resolved(), recipe_fingerprint=recipe.fingerprint(),
+        complete=len(dones) == len(specs), shards=shards,
+        ledger=[d["ledger"] for d in dones if d["ledger"]],
+        counts=Counts(input=total, kept=kept, dropped=dropped), stages=counters,
+        stats={}, elapsed_seconds=round(time.time() - started, 3),
+    )
+    layout.write_json(layout.path("manifest.json"), manifest.model_dump(mode="json"))
+    return manifest
+
+
+def _cleanup_work(layout: Layout, phases: list[Phase]) -> None:
+    """After a complete run, part files are no longer needed (the outputs hold everything)."""
+    for ph in phases:
+        parts = layout.work(f"p{ph.index}", "parts")
+        if layout.exists(parts):
+            layout.fs.rm(parts, recursive=True)

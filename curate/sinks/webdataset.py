@@ -1,0 +1,42 @@
+"""WebDataset tars: ``KEY.<image_format>``, ``KEY.txt`` and ``KEY.json`` per kept sample."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow as pa
+import webdataset as wds
+
+from curate import rows
+from curate.sinks.base import atomic_open
+
+
+def _jsonable(v):
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, bytes):
+        return None
+    return v
+
+
+def write_webdataset(kept: pa.Table, path: str, *, caption_column: str = rows.CAPTION) -> int:
+    """Write kept rows (sorted by key) to one tar; returns the number of samples."""
+    meta_cols = [c for c in kept.column_names
+                 if c not in (rows.IMAGE, rows.STATUS, rows.DROPPED_BY, rows.REASON) and not rows.is_internal(c)]
+    images = kept[rows.IMAGE].to_pylist() if kept.num_rows else []
+    formats = kept[rows.IMAGE_FORMAT].to_pylist() if rows.IMAGE_FORMAT in kept.column_names else ["jpg"] * kept.num_rows
+    meta = kept.select(meta_cols).to_pylist()
+    captions = kept[caption_column].to_pylist() if caption_column in kept.column_names else [None] * kept.num_rows
+    with atomic_open(path) as f:
+        sink = wds.TarWriter(f)
+        for img, fmt, m, cap in zip(images, formats, meta, captions, strict=True):
+            sample = {
+                "__key__": m[rows.KEY],
+                (fmt or "jpg"): img,
+                "txt": (cap or "").encode("utf-8"),
+                "json": json.dumps({k: _jsonable(v) for k, v in m.items()}, ensure_ascii=False).encode("utf-8"),
+            }
+            sink.write(sample)
+        sink.close()
+    return kept.num_rows

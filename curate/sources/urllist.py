@@ -1,0 +1,284 @@
+"""URL lists (parquet, csv, tsv, json, jsonl, txt; optionally compressed), read in streaming batches.
+
+Planning streams every input file once on the driver and cuts it into input
+shards of ``samples_per_shard`` rows, written as small Parquet files under the
+run's work folder — the same thing img2dataset does, without loading a whole
+file into memory. Keys are ``<5-digit shard><4-digit index>`` as in img2dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from curate import rows
+from curate.errors import InputError
+from curate.sources.base import Source, base_columns, rename_reserved
+
+STREAM_ROWS = 65536  # rows per read batch while planning: large enough to be fast, small for memory
+
+
+def key_widths(samples_per_shard: int, num_shards_hint: int = 0) -> tuple[int, int]:
+    idx_w = max(4, len(str(max(samples_per_shard - 1, 0))))
+    shard_w = max(5, len(str(max(num_shards_hint - 1, 0))))
+    return shard_w, idx_w
+
+
+def make_key(shard: int, idx: int, samples_per_shard: int) -> str:
+    sw, iw = key_widths(samples_per_shard)
+    return f"{shard:0{sw}d}{idx:0{iw}d}"
+
+
+class UrlListSource(Source):
+    def __init__(self, config, files, fmt: str) -> None:
+        super().__init__(config, files)
+        self.fmt = fmt
+
+    # ------------------------------------------------------------ reading input files
+
+    def _open(self, path: str):
+        return fsspec.open(path, "rb", compression="infer")
+
+    def _header(self, path: str) -> list[str]:
+        """Column names of one input file, reading only its start."""
+        try:
+            if self.fmt == "parquet":
+                with fsspec.open(path, "rb") as f:
+                    return pq.ParquetFile(f).schema_arrow.names
+            if self.fmt == "txt":
+                return [self.config.url_col]
+            with self._open(path) as f:
+                if self.fmt in ("csv", "tsv"):
+                    line = io.TextIOWrapper(f, encoding="utf-8", newline="").readline()
+                    return next(csv.reader([line], delimiter="\t" if self.fmt == "tsv" else ","), [])
+                if self.fmt == "jsonl":
+                    for line in io.TextIOWrapper(f, encoding="utf-8"):
+                        if line.strip():
+                            obj = json.loads(line)
+                            if not isinstance(obj, dict):
+                                raise InputError(f"{path}: line 1 is not a JSON object")
+                            return list(obj)
+                    return []
+                if self.fmt == "json":
+                    data = json.load(f)
+                    if not isinstance(data, list) or (data and not isinstance(data[0], dict)):
+                        raise InputError(f"{path}: expected a JSON array of objects")
+                    return list(data[0]) if data else []
+        except InputError:
+            raise
+        except FileNotFoundError as e:
+            raise InputError(f"{path}: file not found") from e
+        except Exception as e:  # noqa: BLE001 - report any parse failure with the path
+            raise InputError(f"{path}: cannot read as {self.fmt}: {e}") from e
+        raise InputError(f"{path}: unsupported format {self.fmt}")
+
+    def validate(self) -> None:
+        cfg = self.config
+        for path in self.files:
+            names = self._header(path)
+            missing = [c for c in (cfg.url_col,) if c not in names]
+            if cfg.caption_col and self.fmt != "txt" and cfg.caption_col not in names:
+                missing.append(cfg.caption_col)
+            if cfg.key_col and cfg.key_col not in names:
+                missing.append(cfg.key_col)
+            if cfg.columns:
+                missing += [c for c in cfg.columns if c not in names]
+            if missing:
+                raise InputError(
+                    f"{path}: missing column(s) {', '.join(repr(m) for m in missing)}; "
+                    f"the file has: {', '.join(names) or '(no columns)'}. "
+                    "Set source.url_col / source.caption_col to the names used there."
+                )
+
+    def _batches(self, path: str) -> Iterator[pa.Table]:
+        if self.fmt == "parquet":
+            with fsspec.open(path, "rb") as f:
+                for b in pq.ParquetFile(f).iter_batches(batch_size=STREAM_ROWS):
+                    yield pa.Table.from_batches([b])
+        elif self.fmt in ("csv", "tsv"):
+            names = self._header(path)
+            with self._open(path) as f:
+                reader = pacsv.open_csv(
+                    f,
+                    read_options=pacsv.ReadOptions(block_size=1 << 22),
+                    parse_options=pacsv.ParseOptions(
+                        delimiter="\t" if self.fmt == "tsv" else ",", newlines_in_values=True,
+                        invalid_row_handler=None,
+                    ),
+                    convert_options=pacsv.ConvertOptions(
+                        column_types={n: pa.string() for n in names}, strings_can_be_null=True,
+                        quoted_strings_can_be_null=False,
+                    ),
+                )
+                for b in reader:
+                    yield pa.Table.from_batches([b])
+        elif self.fmt == "txt":
+            with self._open(path) as f:
+                buf: list[str | None] = []
+                for line in io.TextIOWrapper(f, encoding="utf-8", errors="replace"):
+                    line = line.strip()
+                    buf.append(line or None)
+                    if len(buf) >= STREAM_ROWS:
+                        yield pa.table({self.config.url_col: pa.array(buf, pa.string())})
+                        buf = []
+                if buf:
+                    yield pa.table({self.config.url_col: pa.array(buf, pa.string())})
+        elif self.fmt == "jsonl":
+            with self._open(path) as f:
+                buf_rows: list[dict] = []
+                for lineno, line in enumerate(io.TextIOWrapper(f, encoding="utf-8", errors="replace"), 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                        if not isinstance(obj, dict):
+                            raise ValueError("not a JSON object")
+                    except ValueError as e:
+                        # A bad row is kept as a row with no URL, so it is dropped with a reason.
+                        obj = {self.config.url_col: None, "_parse_error": f"line {lineno}: {e}"}
+                    buf_rows.append(obj)
+                    if len(buf_rows) >= STREAM_ROWS:
+                        yield _from_rows(buf_rows)
+                        buf_rows = []
+                if buf_rows:
+                    yield _from_rows(buf_rows)
+        elif self.fmt == "json":
+            with self._open(path) as f:
+                data = json.load(f)  # a JSON array cannot be streamed without a parser; prefer jsonl
+            for i in range(0, len(data), STREAM_ROWS):
+                yield _from_rows(data[i : i + STREAM_ROWS])
+
+    def _normalise(self, t: pa.Table) -> pa.Table:
+        cfg = self.config
+        keep = [cfg.url_col] + ([cfg.caption_col] if cfg.caption_col and cfg.caption_col in t.column_names else [])
+        extra = [c for c in t.column_names if c not in keep and c != cfg.key_col and not c.startswith("_")]
+        if cfg.columns is not None:
+            extra = [c for c in extra if c in cfg.columns]
+        n = t.num_rows
+        out: dict[str, pa.Array] = {
+            rows.URL: _as_string(t[cfg.url_col]),
+            rows.CAPTION: _as_string(t[cfg.caption_col]) if cfg.caption_col in t.column_names else pa.nulls(n, pa.string()),
+        }
+        if cfg.key_col:
+            out["_source_key"] = _as_string(t[cfg.key_col])
+        if "_parse_error" in t.column_names:
+            out["_parse_error"] = _as_string(t["_parse_error"])
+        carried = rename_reserved(t.select(extra), keep=set())
+        for name in carried.column_names:
+            col = carried[name]
+            if pa.types.is_null(col.type) or pa.types.is_struct(col.type) or pa.types.is_list(col.type) \
+                    or pa.types.is_dictionary(col.type):
+                col = pa.array([None if v is None else (v if isinstance(v, str) else json.dumps(v))
+                                for v in col.to_pylist()], pa.string())
+            out[name] = col
+        return pa.table(out)
+
+    def plan(self, work_dir: str, samples_per_shard: int) -> list[dict[str, Any]]:
+        fs, root = fsspec.core.url_to_fs(work_dir)
+        fs.makedirs(f"{root}/input", exist_ok=True)
+        specs: list[dict[str, Any]] = []
+        pending: list[pa.Table] = []
+        pending_rows = 0
+        schema: pa.Schema | None = None
+
+        def flush(n: int) -> None:
+            nonlocal pending, pending_rows
+            table = pa.concat_tables(pending, promote_options="permissive").combine_chunks()
+            chunk, rest = table.slice(0, n), table.slice(n)
+            shard = len(specs)
+            keys = (
+                chunk["_source_key"] if "_source_key" in chunk.column_names
+                else pa.array([make_key(shard, i, samples_per_shard) for i in range(chunk.num_rows)], pa.string())
+            )
+            if "_source_key" in chunk.column_names:
+                chunk = chunk.drop(["_source_key"])
+            chunk = chunk.add_column(0, rows.KEY, keys)
+            path = f"{root}/input/{shard:05d}.parquet"
+            with fs.open(path + ".tmp", "wb") as f:
+                pq.write_table(chunk, f)
+            fs.mv(path + ".tmp", path)
+            specs.append({"shard": shard, "kind": "urllist", "path": _unstrip(work_dir, path), "rows": chunk.num_rows})
+            pending = [rest] if rest.num_rows else []
+            pending_rows = rest.num_rows
+
+        for path in self.files:
+            for batch in self._batches(path):
+                t = self._normalise(batch)
+                if schema is None:
+                    schema = t.schema
+                else:
+                    t = _conform(t, schema)
+                pending.append(t)
+                pending_rows += t.num_rows
+                while pending_rows >= samples_per_shard:
+                    flush(samples_per_shard)
+        if pending_rows:
+            flush(pending_rows)
+        if not specs:
+            raise InputError(f"source.path: {self.config.path} holds no rows")
+        return specs
+
+    def read_shard(self, spec: dict[str, Any], batch_rows: int) -> Iterator[pa.Table]:
+        with fsspec.open(spec["path"], "rb") as f:
+            pf = pq.ParquetFile(f)
+            for b in pf.iter_batches(batch_size=batch_rows):
+                t = pa.Table.from_batches([b])
+                cols = base_columns(t.num_rows)
+                for name, arr in cols.items():
+                    t = t.append_column(name, arr)
+                if "_parse_error" in t.column_names:
+                    t = t.drop(["_parse_error"])
+                yield t
+
+
+def _unstrip(work_dir: str, path: str) -> str:
+    """Keep the protocol prefix of the work dir on paths derived from it."""
+    if "://" in work_dir and "://" not in path:
+        return work_dir.split("://", 1)[0] + "://" + path
+    return path
+
+
+def _as_string(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return col.cast(pa.string())
+    return pa.array([None if v is None else str(v) for v in col.to_pylist()], pa.string())
+
+
+def _from_rows(objs: list[dict]) -> pa.Table:
+    names: dict[str, None] = {}
+    for o in objs:
+        names.update(dict.fromkeys(o))
+    cols = {}
+    for n in names:
+        vals = [o.get(n) for o in objs]
+        try:
+            cols[n] = pa.array(vals)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            cols[n] = pa.array([None if v is None else (v if isinstance(v, str) else json.dumps(v)) for v in vals], pa.string())
+    return pa.table(cols)
+
+
+def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Make a later batch match the first batch's columns and types (strings on conflict)."""
+    out = {}
+    for field in schema:
+        if field.name in t.column_names:
+            col = t[field.name]
+            if col.type != field.type:
+                try:
+                    col = col.cast(field.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                    col = pa.array([None if v is None else str(v) for v in col.to_pylist()], field.type) \
+                        if pa.types.is_string(field.type) else pa.nulls(t.num_rows, field.type)
+            out[field.name] = col
+        else:
+            out[field.name] = pa.nulls(t.num_rows, field.type)
+    return pa.table(out, schema=schema)
