@@ -534,6 +534,18 @@ def _run_phase(recipe: Recipe, source: Source, phase: Phase, specs: list[dict], 
         ray.get(in_flight)
 
 
+def _pool_size(res) -> tuple[int, int]:
+    """Default actor pool for a model stage: autoscale from 1 up to what the cluster can hold."""
+    import ray
+
+    total = ray.cluster_resources()
+    if res.num_gpus:
+        cap = int(total.get("GPU", 0) // res.num_gpus)
+    else:
+        cap = int(total.get("CPU", 1) // max(res.num_cpus, 0.01))
+    return (1, max(1, cap))
+
+
 def _phase_by_index(recipe: Recipe, index: int) -> Phase:
     return make_phases(recipe.stages)[index]
 
@@ -549,13 +561,18 @@ def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str
                    "decisions_dir": layout.work(f"g{phase.index - 1}") if phase.index > 0 else None,
                    "global_names": global_names, "batch_rows": recipe.runtime.read_batch_rows},
     )
+    have_gpu = ray.cluster_resources().get("GPU", 0) > 0
     for cfg in phase.stages:
         cls = REGISTRY[cfg.use]
         res = cfg.resources
+        if res.num_gpus and not have_gpu:
+            log.warning("stage %s asks for %s GPU but the cluster has none: running it on CPU",
+                        stage_name(cfg), res.num_gpus)
+            res = res.model_copy(update={"num_gpus": 0.0})
         batch_size = res.batch_size or recipe.runtime.batch_size
         if cls.stateful:
             ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=batch_size,
-                                batch_format="pyarrow", concurrency=res.concurrency or 1,
+                                batch_format="pyarrow", concurrency=res.concurrency or _pool_size(res),
                                 num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
         else:
             kwargs: dict[str, Any] = {}
