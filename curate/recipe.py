@@ -67,12 +67,12 @@ class Recipe(BaseModel):
 
     def fingerprint(self) -> str:
         """Hash of what decides the output (runtime settings excluded)."""
-        data = self.model_dump(mode="json", include={"source", "stages", "write"})
+        data = self.model_dump(mode="json", include={"source", "stages", "write"}, serialize_as_any=True)
         data["write"].pop("output", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def resolved(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", serialize_as_any=True)
 
 
 # ---------------------------------------------------------------- YAML with lines
