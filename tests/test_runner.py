@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -100,6 +101,11 @@ def test_webdataset_source_round_trip(tmp_path, make_recipe, ray_session):
 
     # the manifest lists every file with its sample count, relative to the output root
     m = json.loads((out / "manifest.json").read_text())
+    schemas = Path(__file__).resolve().parent.parent / "schemas"
+    jsonschema.validate(m, json.loads((schemas / "manifest.schema.json").read_text()))
+    row_schema = json.loads((schemas / "ledger-row.schema.json").read_text())
+    for row in ledger.to_pylist():
+        jsonschema.validate(row, row_schema)
     assert m["complete"] is True
     assert sum(s["num_samples"] for s in m["shards"] if s["format"] == "webdataset") == len(kept_keys)
     assert all((out / s["path"]).exists() for s in m["shards"])
