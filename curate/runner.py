@@ -343,6 +343,9 @@ def _data_context() -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # we draw our own bar
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
