@@ -260,9 +260,9 @@ def load_recipe(
             for j, pentry in enumerate(pstages):
                 if isinstance(pentry, dict) and "preset" in pentry:
                     raise fail(("stages", j), "presets cannot include presets", pdoc)
-                stages.append(_validate_stage(pentry, ("stages", j), lambda lc, m, d=pdoc: fail(lc, m, d)))
+                stages += _expand([_validate_stage(pentry, ("stages", j), lambda lc, m, d=pdoc: fail(lc, m, d))])
         else:
-            stages.append(_validate_stage(entry, loc, fail))
+            stages += _expand([_validate_stage(entry, loc, fail)])
     names: dict[str, int] = {}
     for i, s in enumerate(stages):
         n = s.name or s.use
@@ -302,6 +302,10 @@ def _validate_stage(entry: Any, loc: tuple, fail) -> StageConfig:
     except ValidationError as e:
         err = e.errors()[0]
         raise fail(loc + tuple(err["loc"]), _msg(err)) from None
+
+
+def _expand(configs: list[StageConfig]) -> list[StageConfig]:
+    return [c for cfg in configs for c in REGISTRY[cfg.use].expand(cfg)]
 
 
 def recipe_json_schema() -> dict[str, Any]:

@@ -42,6 +42,13 @@ BASE_FIELDS = [
 ]
 
 
+EMBEDDING_SUFFIX = "_emb"  # vector columns: kept in Parquet shards and work files, not in ledger or JSON
+
+
+def is_embedding(column: str) -> bool:
+    return column.endswith(EMBEDDING_SUFFIX)
+
+
 def timing_column(stage_name: str) -> str:
     return f"_t_{stage_name}"
 

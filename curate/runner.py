@@ -414,8 +414,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
         progress = sys.stderr.isatty()
     source = make_source(recipe.source)
     source.validate()
-    stages = [REGISTRY[c.use](c) for c in recipe.stages]
-    del stages  # constructing validates cross-field options early; workers build their own
+    for cfg in recipe.stages:  # fail before any work when a stage cannot run here (e.g. no checkpoint)
+        REGISTRY[cfg.use](cfg).check()
     phases = make_phases(recipe.stages)
     layout = Layout(recipe.write.output)
     prepare_output(recipe, layout, overwrite)
@@ -556,6 +556,7 @@ def _phase_by_index(recipe: Recipe, index: int) -> Phase:
 def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str], layout: Layout,
                    global_names: list[str]):
     import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     ds = ray.data.from_items([{"spec": s} for s in items], override_num_blocks=len(items))
     ds = ds.map_batches(
@@ -574,13 +575,18 @@ def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str
             res = res.model_copy(update={"num_gpus": 0.0})
         batch_size = res.batch_size or recipe.runtime.batch_size
         if cls.stateful:
+            if res.concurrency:
+                compute = ActorPoolStrategy(size=res.concurrency)
+            else:
+                lo, hi = _pool_size(res)
+                compute = ActorPoolStrategy(min_size=lo, max_size=hi)
             ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=batch_size,
-                                batch_format="pyarrow", concurrency=res.concurrency or _pool_size(res),
+                                batch_format="pyarrow", compute=compute,
                                 num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
         else:
             kwargs: dict[str, Any] = {}
             if res.concurrency:
-                kwargs["concurrency"] = res.concurrency
+                kwargs["compute"] = TaskPoolStrategy(size=res.concurrency)
             ds = ds.map_batches(_apply_stage, fn_kwargs={"cfg": cfg}, batch_size=batch_size,
                                 batch_format="pyarrow", num_cpus=res.num_cpus, **kwargs)
     parts_dir = layout.work(f"p{phase.index}", "parts")

@@ -20,7 +20,8 @@ NON_LEDGER = {rows.IMAGE}
 
 
 def ledger_table(table: pa.Table) -> pa.Table:
-    cols = [c for c in table.column_names if c not in NON_LEDGER and not rows.is_internal(c)]
+    cols = [c for c in table.column_names
+            if c not in NON_LEDGER and not rows.is_internal(c) and not rows.is_embedding(c)]
     return table.select(cols)
 
 

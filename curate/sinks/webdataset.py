@@ -23,7 +23,8 @@ def _jsonable(v):
 def write_webdataset(kept: pa.Table, path: str, *, caption_column: str = rows.CAPTION) -> int:
     """Write kept rows (sorted by key) to one tar; returns the number of samples."""
     meta_cols = [c for c in kept.column_names
-                 if c not in (rows.IMAGE, rows.STATUS, rows.DROPPED_BY, rows.REASON) and not rows.is_internal(c)]
+                 if c not in (rows.IMAGE, rows.STATUS, rows.DROPPED_BY, rows.REASON)
+                 and not rows.is_internal(c) and not rows.is_embedding(c)]
     images = kept[rows.IMAGE].to_pylist() if kept.num_rows else []
     formats = kept[rows.IMAGE_FORMAT].to_pylist() if rows.IMAGE_FORMAT in kept.column_names else ["jpg"] * kept.num_rows
     meta = kept.select(meta_cols).to_pylist()

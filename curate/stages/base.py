@@ -83,6 +83,14 @@ class Stage:
         self.config = config
         self.stage_name = config.name or config.use
 
+    @classmethod
+    def expand(cls, config: StageConfig) -> list[StageConfig]:
+        """Recipe sugar: the stage configs this entry stands for (e.g. a score plus its global threshold)."""
+        return [config]
+
+    def check(self) -> None:
+        """Fail on the driver, before any work, when the stage cannot run here (e.g. missing model)."""
+
     def setup(self) -> None:
         """Load models or open clients. Called once per worker before the first batch."""
 

@@ -1,0 +1,107 @@
+"""Loading CLIP models through open_clip — real checkpoints and the project's own demo CLIP alike.
+
+``load_clip(model, pretrained)`` accepts:
+
+- an open_clip architecture and pretrained tag (``ViT-B-32``, ``datacomp_xl_s13b_b90k``), taken
+  from the local Hugging Face / open_clip cache — never fetched silently: when it is not cached
+  and the hub cannot be reached, :class:`~curate.errors.CurateError` says what is missing and
+  how to provide it;
+- an architecture and a local checkpoint file (``pretrained: /models/vit-l-14-dfn.pt``);
+- ``curate-demo-clip``: a tiny CLIP trained by :mod:`curate.models.train_demo_clip` on the demo
+  world, shipped in ``curate/models/weights/``, loaded through the same
+  ``open_clip.create_model_and_transforms`` call as any checkpoint (a custom model config
+  registered with ``open_clip.add_model_config`` plus a local file).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from curate.errors import CurateError
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = "curate-demo-clip"
+HERE = Path(__file__).resolve().parent
+CONFIG_DIR = HERE / "configs"
+DEMO_WEIGHTS = HERE / "weights" / f"{DEMO_MODEL}.pt"
+
+
+def register_configs() -> None:
+    """Make the project's own model configs known to open_clip (idempotent)."""
+    import open_clip
+
+    if DEMO_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+def resolve_checkpoint(model: str, pretrained: str | None) -> str | None:
+    """The local file or cached tag to load; raise a clear error when it is not available offline."""
+    import open_clip
+
+    register_configs()
+    if model not in open_clip.list_models():
+        raise CurateError(
+            f"unknown open_clip model {model!r}; see open_clip.list_models() "
+            f"(e.g. ViT-B-32, ViT-L-14) or use {DEMO_MODEL!r}")
+    if model == DEMO_MODEL and pretrained in (None, "", "demo"):
+        if not DEMO_WEIGHTS.exists():
+            raise CurateError(f"the demo CLIP checkpoint {DEMO_WEIGHTS} is missing; "
+                              "train it with `python -m curate.models.train_demo_clip`")
+        return str(DEMO_WEIGHTS)
+    if pretrained in (None, ""):
+        raise CurateError(f"clip model {model!r} needs `pretrained:` (a tag such as "
+                          f"{_tags(model)[:3]} or a local checkpoint path); random weights are never used")
+    if os.path.exists(os.path.expanduser(pretrained)):
+        return os.path.expanduser(pretrained)
+    if pretrained not in _tags(model):
+        raise CurateError(f"{pretrained!r} is neither a file nor a pretrained tag of {model!r} "
+                          f"(tags: {', '.join(_tags(model)) or 'none'})")
+    cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if not _cached(cfg):
+        raise CurateError(
+            f"CLIP checkpoint {model}/{pretrained} is not in the local cache and this machine cannot "
+            "download it. On a machine with internet run "
+            f"`python -c \"import open_clip; open_clip.create_model_and_transforms('{model}', pretrained='{pretrained}')\"` "
+            "and copy ~/.cache/huggingface (or set HF_HOME) here, or set `pretrained:` to a local checkpoint file.")
+    return pretrained
+
+
+def _tags(model: str) -> list[str]:
+    import open_clip
+
+    return [t for m, t in open_clip.list_pretrained() if m == model]
+
+
+def _cached(cfg: dict[str, Any]) -> bool:
+    """Whether a pretrained config's file is already in the Hugging Face cache."""
+    hub = cfg.get("hf_hub")
+    if not hub:
+        url = cfg.get("url", "")
+        cache = Path(os.path.expanduser("~/.cache/clip"))
+        return bool(url) and (cache / os.path.basename(url)).exists()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = hub.rstrip("/")
+        for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            if isinstance(try_to_load_from_cache(repo, name), str):
+                return True
+    except Exception:  # noqa: BLE001 - any cache probing problem means "not cached"
+        return False
+    return False
+
+
+def load_clip(model: str, pretrained: str | None, device: str = "cpu", precision: str = "fp32"):
+    """Return (model, preprocess, tokenizer) in eval mode on ``device``."""
+    import open_clip
+
+    ckpt = resolve_checkpoint(model, pretrained)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cached tags load without touching the network
+    clip, _, preprocess = open_clip.create_model_and_transforms(
+        model, pretrained=ckpt, device=device, precision=precision)
+    clip.eval()
+    return clip, preprocess, open_clip.get_tokenizer(model)
