@@ -39,12 +39,12 @@ def _fail(e: BaseException) -> None:
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    input: Annotated[Optional[str], typer.Option("-i", "--input", help="Replace source.path.")] = None,  # noqa: A002, UP007
-    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Replace write.output.")] = None,  # noqa: UP007
+    input: Annotated[str | None, typer.Option("-i", "--input", help="Replace source.path.")] = None,  # noqa: A002, UP007
+    output: Annotated[str | None, typer.Option("-o", "--output", help="Replace write.output.")] = None,  # noqa: UP007
     set_: Annotated[list[str], typer.Option("--set", help="Override a recipe key: dotted.key=value.")] = [],  # noqa: B006
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Join this Ray cluster.")] = None,  # noqa: UP007
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Join this Ray cluster.")] = None,  # noqa: UP007
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
-    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress")] = None,  # noqa: UP007
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress")] = None,  # noqa: UP007
 ) -> None:
     """Run RECIPE; re-running the same command resumes where it stopped."""
     from curate.recipe import load_recipe
@@ -108,6 +108,38 @@ def schema(
     for name, sch in all_schemas().items():
         (out / name).write_text(json.dumps(sch, indent=2, sort_keys=True) + "\n")
         typer.echo(f"wrote {out / name}")
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder; an earlier demo there is replaced.")]
+    = Path("curate-demo"),
+    samples: Annotated[int, typer.Option("--samples", min=40, help="Image-text pairs in the synthetic world.")] = 2000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic world.")] = 0,
+    world: Annotated[Optional[Path], typer.Option("--world", help="Keep the generated world here (reused "  # noqa: UP007, UP045
+                                                  "when it matches); default: a temporary folder.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("-r", "--recipe", help="Run this recipe instead of "  # noqa: UP007, UP045
+                                                   "pipelines/demo.yaml (source and output are set).")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a recipe key: dotted.key=value.")] = [],  # noqa: B006
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT even if it is not a demo.")] = False,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress")] = None,  # noqa: UP007, UP045
+) -> None:
+    """Run pipelines/demo.yaml offline on a synthetic world and grade each stage against its truth."""
+    from curate.demo.run import run_demo, summary
+
+    try:
+        result = run_demo(output, samples=samples, seed=seed, world_dir=world, recipe=recipe, overrides=set_,
+                          overwrite=overwrite, progress=progress)
+    except (CurateError, Exception) as e:  # noqa: BLE001 - one-paragraph error for the user
+        _fail(e)
+        return
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # logs and CI: wide enough that the tables do not wrap
+    for part in summary(result):
+        console.print(part)
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ from curate.sinks.parquet import write_ledger, write_parquet_shard
 from curate.sinks.webdataset import write_webdataset
 from curate.sources.base import Source, make_source
 from curate.stages import REGISTRY, GlobalStage, Stage, StageConfig
+from curate.stages.download import FAILED_TO_RESIZE
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ def finalize_shard(*, root: str, shard: int, parts: list[str], formats: list[str
         for reason, n in reasons.items():
             status_dict[reason] = status_dict.get(reason, 0) + n
             if by == "download":
-                if reason.startswith(("image_", "decode", "resize")):
+                if reason in FAILED_TO_RESIZE or reason.startswith(("image_", "decode", "resize")):
                     failed_resize += n
                 else:
                     failed_dl += n
@@ -362,7 +363,13 @@ class Progress:
     def start(self, description: str, total: int | None) -> None:
         if not self.enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("rows"), TimeElapsedColumn(), transient=False)
@@ -575,11 +582,13 @@ def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str
             res = res.model_copy(update={"num_gpus": 0.0})
         batch_size = res.batch_size or recipe.runtime.batch_size
         if cls.stateful:
-            if res.concurrency:
-                compute = ActorPoolStrategy(size=res.concurrency)
-            else:
-                lo, hi = _pool_size(res)
-                compute = ActorPoolStrategy(min_size=lo, max_size=hi)
+            lo, hi = (res.concurrency, res.concurrency) if res.concurrency else _pool_size(res)
+            # I/O-bound stages (download) overlap batches on one actor so a slow tail doesn't idle it
+            in_flight = getattr(cls, "batches_in_flight", 1)
+            extra: dict[str, Any] = {}
+            if in_flight > 1:
+                extra = {"max_concurrent_calls_per_actor": in_flight, "enable_true_multi_threading": True}
+            compute = ActorPoolStrategy(min_size=lo, max_size=hi, **extra)
             ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=batch_size,
                                 batch_format="pyarrow", compute=compute,
                                 num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)

@@ -1,0 +1,720 @@
+"""A synthetic image-text world whose truth is known: the demo's data and its answer key.
+
+Each sample is a rendered scene — one or two groups of 1-3 identical objects
+(one of :data:`SHAPES` in one of :data:`COLOURS`, small or large) on a plain
+:data:`BACKGROUNDS` colour — with an English caption that describes it. The
+concepts are few and drawn large and clean, so a tiny CLIP trained on CPU can
+learn them (matched vs. mismatched pairs, zero-shot tags from
+:func:`tag_vocabulary`).
+
+On top of the clean pairs the world plants the defects a web crawl has, one
+category per row (see :data:`DEFECT_RATES`): caption defects (mismatched,
+junk alt-text, non-English, empty), image defects (tiny, elongated),
+duplicates (exact bytes, resized/re-encoded copies, captions equal after
+normalisation, captions with a small edit) and URL defects the loopback
+server in :mod:`curate.demo.server` acts out (404, corrupt bytes, a 1 byte/s
+drip, ``X-Robots-Tag: noai``, HTML served as ``image/jpeg``).
+
+Duplicates come in *groups*: a clean ``original`` and one ``copy`` whose row
+carries the duplicate category; both share ``dup_group``. Originals always
+precede their copies in the URL list, so a deduplicator that keeps the first
+(smallest key) drops exactly the copies.
+
+The truth lives in ``truth.parquet`` next to the served files and is never
+part of the pipeline's input: :meth:`World.url_list` gives only ``url``,
+``caption`` and ``source``.
+
+Everything is a pure function of ``(samples, seed)``: the same arguments give
+the same table and byte-identical files.
+
+Example::
+
+    >>> from curate.demo.world import generate_world
+    >>> world = generate_world("/tmp/demo-world", samples=200, seed=0)  # doctest: +SKIP
+    >>> world.truth.num_rows, world.counts()["clean"]                   # doctest: +SKIP
+    (200, 143)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+WORLD_VERSION = 1  # bump when the same (samples, seed) would generate different data
+DEFAULT_SAMPLES = 2000
+MIN_SAMPLES = 40  # below this the rarest defects would round to zero rows
+
+TRUTH_FILE = "truth.parquet"
+INFO_FILE = "world.json"
+TAGS_FILE = "tags.txt"
+FILES_DIR = "files"
+
+# ------------------------------------------------------------------ concepts
+
+#: Object colours: eight hues far apart, so a small model separates them easily.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 35),
+    "orange": (245, 135, 20),
+    "yellow": (245, 215, 30),
+    "green": (35, 165, 60),
+    "blue": (35, 85, 225),
+    "purple": (135, 50, 180),
+    "pink": (245, 125, 190),
+    "brown": (125, 75, 35),
+}
+#: Backgrounds are neutral so they never share a name with an object colour.
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (248, 248, 245),
+    "gray": (128, 128, 128),
+    "black": (18, 18, 18),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
+SIZES: tuple[str, ...] = ("small", "large")
+COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+
+#: Truth category of clean rows and of the originals of duplicate groups.
+CLEAN = "clean"
+
+#: Share of rows in each defect category (the rest is clean): about 28 % defects.
+DEFECT_RATES: dict[str, float] = {
+    "mismatched_caption": 0.04,
+    "junk_caption": 0.03,
+    "non_english": 0.03,
+    "empty_caption": 0.01,
+    "tiny_image": 0.02,
+    "elongated_image": 0.02,
+    "exact_duplicate": 0.025,
+    "perceptual_duplicate": 0.025,
+    "caption_duplicate": 0.015,
+    "caption_near_duplicate": 0.015,
+    "dead_link": 0.02,
+    "corrupt_bytes": 0.01,
+    "slow_drip": 0.0025,  # each one holds a download slot until the deadline: keep them rare
+    "opt_out": 0.01,
+    "html_as_image": 0.01,
+}
+CATEGORIES: tuple[str, ...] = (CLEAN, *DEFECT_RATES)
+#: Categories whose rows are copies in a duplicate group (evaluated per group).
+DUPLICATE_CATEGORIES: frozenset[str] = frozenset(
+    {"exact_duplicate", "perceptual_duplicate", "caption_duplicate", "caption_near_duplicate"}
+)
+
+#: How the server answers a row's URL.
+BEHAVIOURS = ("ok", "not_found", "corrupt", "drip", "opt_out", "html")
+_BEHAVIOUR_OF = {"dead_link": "not_found", "corrupt_bytes": "corrupt", "slow_drip": "drip",
+                 "opt_out": "opt_out", "html_as_image": "html"}
+
+SOURCES = ("shop.example", "forum.example", "blog.example", "news.example", "wiki.example")
+_ROBOTS = ("noai", "noimageai", "noai, noimageai", "noindex, noai")
+
+_JUNK_FIXED = ("image", "nan", "untitled", "photo", "identicon", "captcha", "thumbnail", "null",
+               "placeholder", "img", "Untitled-1.png", "image.jpg", "no description")
+
+
+def _junk_generated(rng: random.Random) -> str:
+    kind = rng.randrange(4)
+    if kind == 0:
+        return f"IMG_{rng.randrange(10000):04d}.JPG"
+    if kind == 1:
+        return f"DSC{rng.randrange(10000):04d}"
+    if kind == 2:
+        return f"https://cdn.example.com/u/{rng.getrandbits(32):08x}.jpg"
+    shot = (f"Screenshot 20{rng.randrange(15, 24)}-0{rng.randrange(1, 10)}-1{rng.randrange(10)} "
+            f"at {rng.randrange(10, 24)}.{rng.randrange(10, 60)}.{rng.randrange(10, 60)}")
+    return shot + rng.choice(("", ".png"))
+
+
+# ------------------------------------------------------------------ scenes
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """``count`` identical objects: one shape, one colour, one size."""
+
+    shape: str
+    colour: str
+    count: int
+    size: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    objects: tuple[SceneObject, ...]
+
+    @property
+    def pairs(self) -> frozenset[tuple[str, str]]:
+        return frozenset((o.colour, o.shape) for o in self.objects)
+
+    def tags(self) -> list[str]:
+        """The tags of :func:`tag_vocabulary` that are true of this scene, in vocabulary order."""
+        true = {o.colour for o in self.objects} | {o.shape for o in self.objects}
+        true |= {f"{o.colour} {o.shape}" for o in self.objects} | {f"{self.background} background"}
+        return [t for t in tag_vocabulary() if t in true]
+
+    def to_json(self) -> str:
+        return json.dumps([asdict(o) for o in self.objects], sort_keys=True)
+
+
+def tag_vocabulary() -> list[str]:
+    """Zero-shot tag vocabulary: colours, shapes, colour-shape pairs, backgrounds (fixed order)."""
+    tags = list(COLOURS) + list(SHAPES)
+    tags += [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    tags += [f"{b} background" for b in BACKGROUNDS]
+    return tags
+
+
+def write_tags(path: str | Path) -> Path:
+    """Write :func:`tag_vocabulary` one tag a line (the file a zero-shot tagger reads)."""
+    p = Path(path)
+    p.write_text("\n".join(tag_vocabulary()) + "\n", encoding="utf-8")
+    return p
+
+
+def random_scene(rng: random.Random, *, avoid: frozenset[tuple[str, str]] = frozenset()) -> Scene:
+    """One or two object groups (distinct colour-shape pairs, none in ``avoid``) on a background."""
+    n_groups = 1 if rng.random() < 0.6 else 2
+    objects: list[SceneObject] = []
+    used: set[tuple[str, str]] = set()
+    while len(objects) < n_groups:
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        if (colour, shape) in used or (colour, shape) in avoid:
+            continue
+        used.add((colour, shape))
+        count = rng.choices((1, 2, 3), weights=(5, 3, 2))[0]
+        objects.append(SceneObject(shape=shape, colour=colour, count=count, size=rng.choice(SIZES)))
+    return Scene(background=rng.choice(list(BACKGROUNDS)), objects=tuple(objects))
+
+
+# ------------------------------------------------------------------ captions
+
+_PLURAL_EN = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
+_STYLE_PREFIX = ("a drawing of", "an illustration of", "clip art of", "a simple graphic of",
+                 "a sticker showing", "a flat icon of", "a picture of", "a poster with")
+_STYLE_SUFFIX = ("", "", "", " in flat style", ", vector art", ", minimal design", ", simple shapes",
+                 " for kids", " wallpaper", ", digital art")
+
+
+def _object_phrase(o: SceneObject, with_size: bool) -> str:
+    shape = o.shape if o.count == 1 else _PLURAL_EN[o.shape]
+    words = [COUNT_WORDS[o.count]]
+    if with_size:
+        words.append(o.size)
+    words += [o.colour, shape]
+    phrase = " ".join(words)
+    if o.count == 1 and words[1][0] in "aeiou":
+        phrase = "an" + phrase[1:]
+    return phrase
+
+
+def english_caption(scene: Scene, rng: random.Random) -> str:
+    """A varied English description of ``scene`` (every template names every object and colour)."""
+    with_size = rng.random() < 0.3
+    objs = [_object_phrase(o, with_size) for o in scene.objects]
+    joined = objs[0] if len(objs) == 1 else rng.choice([f"{objs[0]} and {objs[1]}",
+                                                        f"{objs[0]} next to {objs[1]}",
+                                                        f"{objs[0]} with {objs[1]}"])
+    bg = scene.background
+    template = rng.randrange(7)
+    if template == 0:
+        text = f"{joined} on a {bg} background"
+    elif template == 1:
+        text = joined
+    elif template == 2:
+        text = f"{rng.choice(_STYLE_PREFIX)} {joined} on {bg}"
+    elif template == 3:
+        text = f"{bg} background with {joined}"
+    elif template == 4:
+        verb = "is" if scene.objects[0].count == 1 else "are"
+        text = f"there {verb} {joined} on a {bg} background"
+    elif template == 5:
+        text = f"{rng.choice(_STYLE_PREFIX)} {joined}, {bg} background"
+    else:
+        text = f"{joined} against a plain {bg} backdrop"
+    return text + rng.choice(_STYLE_SUFFIX)
+
+
+# German, French and Spanish descriptions: the same scene, grammatical enough for a
+# language identifier, in other languages (the language filter's job, not the CLIP filter's).
+_DE_SHAPES = {"circle": ("Kreis", "Kreise", "m"), "square": ("Quadrat", "Quadrate", "n"),
+              "triangle": ("Dreieck", "Dreiecke", "n"), "star": ("Stern", "Sterne", "m"),
+              "cross": ("Kreuz", "Kreuze", "n"), "diamond": ("Raute", "Rauten", "f")}
+_DE_COLOURS = {"red": "Rot", "orange": "Orange", "yellow": "Gelb", "green": "Grün", "blue": "Blau",
+               "purple": "Lila", "pink": "Rosa", "brown": "Braun"}
+_DE_BG = {"white": "weißem", "gray": "grauem", "black": "schwarzem"}
+_FR_SHAPES = {"circle": ("cercle", "cercles", "m"), "square": ("carré", "carrés", "m"),
+              "triangle": ("triangle", "triangles", "m"), "star": ("étoile", "étoiles", "f"),
+              "cross": ("croix", "croix", "f"), "diamond": ("losange", "losanges", "m")}
+_FR_COLOURS = {"red": ("rouge", "rouge"), "orange": ("orange", "orange"), "yellow": ("jaune", "jaune"),
+               "green": ("vert", "verte"), "blue": ("bleu", "bleue"), "purple": ("violet", "violette"),
+               "pink": ("rose", "rose"), "brown": ("marron", "marron")}
+_FR_BG = {"white": "blanc", "gray": "gris", "black": "noir"}
+_ES_SHAPES = {"circle": ("círculo", "círculos", "m"), "square": ("cuadrado", "cuadrados", "m"),
+              "triangle": ("triángulo", "triángulos", "m"), "star": ("estrella", "estrellas", "f"),
+              "cross": ("cruz", "cruces", "f"), "diamond": ("rombo", "rombos", "m")}
+_ES_COLOURS = {"red": ("rojo", "roja", "rojos", "rojas"), "orange": ("naranja", "naranja", "naranjas", "naranjas"),
+               "yellow": ("amarillo", "amarilla", "amarillos", "amarillas"),
+               "green": ("verde", "verde", "verdes", "verdes"), "blue": ("azul", "azul", "azules", "azules"),
+               "purple": ("morado", "morada", "morados", "moradas"), "pink": ("rosa", "rosa", "rosas", "rosas"),
+               "brown": ("marrón", "marrón", "marrones", "marrones")}
+_ES_BG = {"white": "blanco", "gray": "gris", "black": "negro"}
+
+
+def _de(o: SceneObject) -> str:
+    sing, plur, gender = _DE_SHAPES[o.shape]
+    count = {1: "eine" if gender == "f" else "ein", 2: "zwei", 3: "drei"}[o.count]
+    return f"{count} {sing if o.count == 1 else plur} in {_DE_COLOURS[o.colour]}"
+
+
+def _fr(o: SceneObject) -> str:
+    sing, plur, gender = _FR_SHAPES[o.shape]
+    adj = _FR_COLOURS[o.colour][1 if gender == "f" else 0]
+    if o.count > 1 and not adj.endswith("s") and o.colour not in ("orange", "brown"):
+        adj += "s"
+    count = {1: "une" if gender == "f" else "un", 2: "deux", 3: "trois"}[o.count]
+    return f"{count} {sing if o.count == 1 else plur} {adj}"
+
+
+def _es(o: SceneObject) -> str:
+    sing, plur, gender = _ES_SHAPES[o.shape]
+    forms = _ES_COLOURS[o.colour]
+    adj = forms[(2 if o.count > 1 else 0) + (1 if gender == "f" else 0)]
+    count = {1: "una" if gender == "f" else "un", 2: "dos", 3: "tres"}[o.count]
+    return f"{count} {sing if o.count == 1 else plur} {adj}"
+
+
+def foreign_caption(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """(caption, language) describing ``scene`` in German, French or Spanish."""
+    lang = rng.choice(("de", "fr", "es"))
+    if lang == "de":
+        objs = " und ".join(_de(o) for o in scene.objects)
+        text = rng.choice([f"Ein Bild mit {objs} auf {_DE_BG[scene.background]} Hintergrund",
+                           f"Hier sieht man {objs} auf {_DE_BG[scene.background]} Hintergrund",
+                           f"Eine einfache Zeichnung: {objs} vor {_DE_BG[scene.background]} Hintergrund"])
+    elif lang == "fr":
+        objs = " et ".join(_fr(o) for o in scene.objects)
+        text = rng.choice([f"Une image avec {objs} sur fond {_FR_BG[scene.background]}",
+                           f"On voit {objs} sur un fond {_FR_BG[scene.background]}",
+                           f"Un dessin simple de {objs} sur fond {_FR_BG[scene.background]}"])
+    else:
+        objs = " y ".join(_es(o) for o in scene.objects)
+        text = rng.choice([f"Una imagen con {objs} sobre fondo {_ES_BG[scene.background]}",
+                           f"Se ven {objs} sobre un fondo {_ES_BG[scene.background]}",
+                           f"Un dibujo sencillo de {objs} sobre fondo {_ES_BG[scene.background]}"])
+    return text[0].upper() + text[1:], lang
+
+
+_CASE_EDITS: tuple[Callable[[str], str], ...] = (
+    lambda c: c[0].upper() + c[1:] + ".",
+    lambda c: c.upper(),
+    lambda c: c.title(),
+    lambda c: c + "!",
+    lambda c: "  " + c.replace(" ", "  ", 1) + " ",
+    lambda c: c.replace(",", " -") + "...",
+)
+_WORD_EDITS: tuple[Callable[[str], str], ...] = (
+    lambda c: c + " hd",
+    lambda c: c + " (2)",
+    lambda c: "cute " + c,
+    lambda c: c + " image",
+    lambda c: "new " + c,
+    lambda c: c + " - free download",
+    lambda c: c + " 4k",
+    lambda c: "stock photo: " + c,
+)
+
+
+def normalise(caption: str | None) -> str:
+    """Casefold and strip punctuation/extra spaces: the form exact caption dedup compares."""
+    from curate.stages.dedup_exact import normalise_caption
+
+    return normalise_caption(caption) or ""
+
+
+# ------------------------------------------------------------------ rendering
+
+_SUPERSAMPLE = 2  # draw at 2× and downsample: smooth edges without a dependency on aggdraw
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r * 0.7, cy), (cx, cy + r), (cx - r * 0.7, cy)]
+    if shape == "star":
+        pts = []
+        for i in range(10):
+            a = -math.pi / 2 + i * math.pi / 5
+            rr = r if i % 2 == 0 else r * 0.42
+            pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+        return pts
+    if shape == "cross":
+        w = r * 0.36
+        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
+                (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
+                (cx - r, cy - w), (cx - w, cy - w)]
+    return None
+
+
+def render_scene(scene: Scene, width: int, height: int, rng: random.Random) -> Image.Image:
+    """Draw the scene's objects in distinct cells of a grid so they never overlap."""
+    s = _SUPERSAMPLE
+    img = Image.new("RGB", (width * s, height * s), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(img)
+    items = [o for o in scene.objects for _ in range(o.count)]
+    n = len(items)
+    aspect = width / height
+    rows_ = 1 if aspect >= 2.5 or (n <= 2 and aspect >= 1.2) else 2
+    cols = max(math.ceil(n / rows_), round(rows_ * aspect))
+    if aspect < 1 / 1.2:
+        rows_, cols = max(math.ceil(n / 2), round(2 / aspect)), 2
+    cells = rng.sample(range(rows_ * cols), n)
+    cw, ch = width * s / cols, height * s / rows_
+    for obj, cell in zip(items, cells, strict=True):
+        r = min(cw, ch) * (0.42 if obj.size == "large" else 0.27)
+        slack_x, slack_y = cw / 2 - r, ch / 2 - r
+        cx = (cell % cols + 0.5) * cw + rng.uniform(-slack_x, slack_x) * 0.8
+        cy = (cell // cols + 0.5) * ch + rng.uniform(-slack_y, slack_y) * 0.8
+        colour = COLOURS[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        elif obj.shape == "square":
+            q = r * 0.82
+            draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=colour)
+        else:
+            draw.polygon(_shape_polygon(obj.shape, cx, cy, r), fill=colour)
+    return img.reduce(s)  # box-average 2×2 blocks: smooth edges, ~20× faster than LANCZOS
+
+
+def encode(img: Image.Image, fmt: str, *, quality: int = 90) -> bytes:
+    """``jpeg``, ``png`` or ``png_rgba`` (opaque scene inside a transparent 4-px frame)."""
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        img.convert("RGB").save(buf, "JPEG", quality=quality)
+    elif fmt == "png":
+        img.convert("RGB").save(buf, "PNG", optimize=False)
+    elif fmt == "png_rgba":
+        rgba = img.convert("RGBA")
+        alpha = Image.new("L", rgba.size, 0)
+        ImageDraw.Draw(alpha).rectangle([4, 4, rgba.width - 5, rgba.height - 5], fill=255)
+        rgba.putalpha(alpha)
+        rgba.save(buf, "PNG", optimize=False)
+    else:
+        raise ValueError(f"unknown image format {fmt!r}; expected jpeg, png or png_rgba")
+    return buf.getvalue()
+
+
+def _normal_size(rng: random.Random) -> tuple[int, int]:
+    short = rng.randrange(256, 385, 8)
+    long_ = int(short * rng.uniform(1.0, 1.6)) // 8 * 8
+    return (long_, short) if rng.random() < 0.6 else (short, long_)
+
+
+def _pick_format(rng: random.Random) -> str:
+    return rng.choices(("jpeg", "png", "png_rgba"), weights=(85, 10, 5))[0]
+
+
+# ------------------------------------------------------------------ the world
+
+
+def category_counts(samples: int) -> dict[str, int]:
+    """Rows per category for a world of ``samples`` rows: fixed by the rates, at least one of each."""
+    if samples < MIN_SAMPLES:
+        raise ValueError(f"a demo world needs at least {MIN_SAMPLES} samples (got {samples})")
+    counts = {c: max(1, round(rate * samples)) for c, rate in DEFECT_RATES.items()}
+    return {CLEAN: samples - sum(counts.values()), **counts}
+
+
+@dataclass
+class _Row:
+    category: str
+    scene: Scene
+    caption: str | None
+    caption_language: str | None
+    caption_matches: bool
+    width: int | None = None
+    height: int | None = None
+    image_format: str | None = None
+    body: bytes | None = None
+    behaviour: str = "ok"
+    robots: str | None = None
+    dup_group: str | None = None
+    dup_role: str | None = None
+    edit: str | None = None
+    source: str = ""
+
+
+class World:
+    """A generated world on disk: served files, ``truth.parquet``, ``world.json``, ``tags.txt``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.info: dict[str, Any] = json.loads((self.root / INFO_FILE).read_text())
+        self.truth: pa.Table = pq.read_table(self.root / TRUTH_FILE)
+
+    @property
+    def samples(self) -> int:
+        return self.truth.num_rows
+
+    @property
+    def seed(self) -> int:
+        return int(self.info["seed"])
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(CATEGORIES, 0)
+        for c in self.truth["category"].to_pylist():
+            out[c] += 1
+        return out
+
+    def url_list(self, base_url: str) -> pa.Table:
+        """The pipeline's input: ``url``, ``caption``, ``source`` — and nothing of the truth."""
+        base = base_url.rstrip("/")
+        return pa.table({
+            "url": pa.array([base + p for p in self.truth["path"].to_pylist()], pa.string()),
+            "caption": self.truth["caption"],
+            "source": self.truth["source"],
+        })
+
+    def truth_with_urls(self, base_url: str) -> pa.Table:
+        base = base_url.rstrip("/")
+        urls = pa.array([base + p for p in self.truth["path"].to_pylist()], pa.string())
+        return self.truth.add_column(1, "url", urls)
+
+
+def generate_world(root: str | Path, *, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> World:
+    """Generate (or reuse, when ``root`` already holds the same world) and return a :class:`World`.
+
+    Writes ``files/`` (the bytes the server sends), ``truth.parquet`` (one row per
+    sample: category, duplicate group, scene fields, tags), ``tags.txt`` and
+    ``world.json``. ``root`` is created; files of another world there are replaced.
+    """
+    root = Path(root)
+    info = {"version": WORLD_VERSION, "samples": samples, "seed": seed}
+    info_path = root / INFO_FILE
+    if info_path.exists() and (root / TRUTH_FILE).exists():
+        try:
+            old = json.loads(info_path.read_text())
+        except ValueError:
+            old = {}
+        if all(old.get(k) == v for k, v in info.items()):
+            log.info("reusing demo world at %s (%d samples, seed %d)", root, samples, seed)
+            return World(root)
+    counts = category_counts(samples)
+    rng = random.Random(f"curate-demo/{WORLD_VERSION}/{seed}")
+    rows = _plan_rows(rng, counts)
+    order = _order(rng, rows)
+    rows = [rows[i] for i in order]
+
+    files = root / FILES_DIR
+    files.mkdir(parents=True, exist_ok=True)
+    for old_file in files.iterdir():
+        old_file.unlink()
+    records: list[dict[str, Any]] = []
+    written: dict[str, str] = {}
+    for i, row in enumerate(rows):
+        sid = f"s{i:05d}"
+        token = hashlib.sha256(f"{seed}/{sid}".encode()).hexdigest()[:16]
+        ext = {"png": "png", "png_rgba": "png"}.get(row.image_format or "", "jpg")
+        path = f"/img/{token}.{ext}"
+        file_rel = None
+        if row.body is not None:
+            digest = hashlib.sha256(row.body).hexdigest()
+            file_rel = written.get(digest)
+            if file_rel is None:  # exact duplicates share one file
+                file_rel = f"{FILES_DIR}/{token}.{'bin' if row.behaviour in ('corrupt', 'html') else ext}"
+                (root / file_rel).write_bytes(row.body)
+                written[digest] = file_rel
+        records.append({
+            "id": sid, "path": path, "caption": row.caption, "source": row.source,
+            "category": row.category, "dup_group": row.dup_group, "dup_role": row.dup_role, "edit": row.edit,
+            "behaviour": row.behaviour, "file": file_rel, "robots": row.robots,
+            "content_type": "image/png" if ext == "png" and row.behaviour != "html" else "image/jpeg",
+            "image_format": row.image_format, "width": row.width, "height": row.height,
+            "background": row.scene.background, "objects": row.scene.to_json(),
+            "shapes": sorted({o.shape for o in row.scene.objects}),
+            "colours": sorted({o.colour for o in row.scene.objects}),
+            "n_objects": sum(o.count for o in row.scene.objects),
+            "tags": row.scene.tags(), "caption_language": row.caption_language,
+            "caption_matches": row.caption_matches,
+            "sha256": hashlib.sha256(row.body).hexdigest() if row.body is not None else None,
+        })
+    truth = pa.Table.from_pylist(records, schema=TRUTH_SCHEMA)
+    pq.write_table(truth, root / TRUTH_FILE)
+    write_tags(root / TAGS_FILE)
+    info["counts"] = counts
+    info_path.write_text(json.dumps(info, indent=1, sort_keys=True))
+    log.info("generated demo world at %s: %d samples, seed %d", root, samples, seed)
+    return World(root)
+
+
+TRUTH_SCHEMA = pa.schema([
+    pa.field("id", pa.string()), pa.field("path", pa.string()), pa.field("caption", pa.string()),
+    pa.field("source", pa.string()), pa.field("category", pa.string()), pa.field("dup_group", pa.string()),
+    pa.field("dup_role", pa.string()), pa.field("edit", pa.string()), pa.field("behaviour", pa.string()),
+    pa.field("file", pa.string()), pa.field("robots", pa.string()), pa.field("content_type", pa.string()),
+    pa.field("image_format", pa.string()), pa.field("width", pa.int32()), pa.field("height", pa.int32()),
+    pa.field("background", pa.string()), pa.field("objects", pa.string()),
+    pa.field("shapes", pa.list_(pa.string())), pa.field("colours", pa.list_(pa.string())),
+    pa.field("n_objects", pa.int32()), pa.field("tags", pa.list_(pa.string())),
+    pa.field("caption_language", pa.string()), pa.field("caption_matches", pa.bool_()),
+    pa.field("sha256", pa.string()),
+])
+
+
+def _plan_rows(rng: random.Random, counts: dict[str, int]) -> list[_Row]:
+    """Build every row (scene, caption, bytes, behaviour) in category order."""
+    captions_seen: set[str] = set()
+
+    def unique_caption(scene_factory: Callable[[], Scene]) -> tuple[Scene, str]:
+        # Clean captions must be unique after normalisation, or exact caption dedup
+        # would rightly drop clean rows and the truth would be wrong.
+        scene = scene_factory()
+        for attempt in range(1, 200):
+            cap = english_caption(scene, rng)
+            if normalise(cap) not in captions_seen:
+                captions_seen.add(normalise(cap))
+                return scene, cap
+            if attempt % 5 == 0:
+                scene = scene_factory()
+        raise RuntimeError("could not find a unique caption; the world's vocabulary is too small")
+
+    def image(scene: Scene, size: tuple[int, int], fmt: str) -> tuple[bytes, int, int]:
+        w, h = size
+        return encode(render_scene(scene, w, h, rng), fmt), w, h
+
+    def plain(category: str, *, caption: str | None = None, lang: str | None = "en", matches: bool = True,
+              size: tuple[int, int] | None = None, behaviour: str = "ok", fmt: str | None = None) -> _Row:
+        if caption is None:
+            scene, caption = unique_caption(lambda: random_scene(rng))
+        else:
+            scene = random_scene(rng)
+        fmt = fmt or _pick_format(rng)
+        body, w, h = image(scene, size or _normal_size(rng), fmt)
+        return _Row(category, scene, caption, lang, matches, w, h, fmt, body, behaviour)
+
+    rows: list[_Row] = [plain(CLEAN) for _ in range(counts[CLEAN])]
+    n_dups = sum(counts[c] for c in DUPLICATE_CATEGORIES)
+    originals = rng.sample(range(len(rows)), n_dups)
+    group = 0
+
+    def new_group(orig: _Row) -> str:
+        nonlocal group
+        group += 1
+        orig.dup_group, orig.dup_role = f"g{group:04d}", "original"
+        return orig.dup_group
+
+    for category in ("exact_duplicate", "perceptual_duplicate", "caption_duplicate", "caption_near_duplicate"):
+        for _ in range(counts[category]):
+            orig = rows[originals.pop()]
+            gid = new_group(orig)
+            if category == "exact_duplicate":
+                # Same bytes, another URL, and a different (still true) caption: a repost.
+                _, cap = unique_caption(lambda o=orig: o.scene)
+                copy = _Row(category, orig.scene, cap, "en", True, orig.width, orig.height, orig.image_format,
+                            orig.body, edit="same bytes")
+            elif category == "perceptual_duplicate":
+                _, cap = unique_caption(lambda o=orig: o.scene)
+                img = Image.open(io.BytesIO(orig.body)).convert("RGB")
+                kind = rng.choice(("resize", "reencode", "resize+reencode"))
+                w, h = img.size
+                if "resize" in kind:
+                    scale = max(rng.choice((0.8, 0.9, 1.25, 1.5)), 224 / min(w, h))  # stay above 200 px
+                    w, h = round(w * scale), round(h * scale)
+                    img = img.resize((w, h), Image.Resampling.BICUBIC)
+                quality = rng.choice((55, 65, 75)) if "reencode" in kind else 90
+                fmt = "jpeg" if "reencode" in kind or orig.image_format == "jpeg" else "png"
+                copy = _Row(category, orig.scene, cap, "en", True, w, h, fmt, encode(img, fmt, quality=quality),
+                            edit=f"{kind} to {w}x{h}" + (f" q{quality}" if "reencode" in kind else ""))
+            else:
+                # Same scene drawn again (a different image), the original's caption slightly edited.
+                edits = _CASE_EDITS if category == "caption_duplicate" else _WORD_EDITS
+                k = rng.randrange(len(edits))
+                cap = edits[k](orig.caption or "")
+                if category == "caption_near_duplicate":
+                    captions_seen.add(normalise(cap))
+                fmt = _pick_format(rng)
+                body, w, h = image(orig.scene, _normal_size(rng), fmt)
+                copy = _Row(category, orig.scene, cap, "en", True, w, h, fmt, body, edit=f"caption edit {k}")
+            copy.dup_group, copy.dup_role = gid, "copy"
+            rows.append(copy)
+
+    for _ in range(counts["mismatched_caption"]):
+        scene = random_scene(rng)
+        # A true caption of a scene that shares no colour-shape pair with the image.
+        _, cap = unique_caption(lambda s=scene: random_scene(rng, avoid=s.pairs))
+        fmt = _pick_format(rng)
+        body, w, h = image(scene, _normal_size(rng), fmt)
+        rows.append(_Row("mismatched_caption", scene, cap, "en", False, w, h, fmt, body))
+    for i in range(counts["junk_caption"]):
+        cap = _JUNK_FIXED[i % len(_JUNK_FIXED)] if i % 2 == 0 else _junk_generated(rng)
+        rows.append(plain("junk_caption", caption=cap, lang=None, matches=False))
+    for _ in range(counts["non_english"]):
+        for _attempt in range(200):  # unique too: caption dedup must not be what removes them
+            scene = random_scene(rng)
+            cap, lang = foreign_caption(scene, rng)
+            if normalise(cap) not in captions_seen:
+                captions_seen.add(normalise(cap))
+                break
+        fmt = _pick_format(rng)
+        body, w, h = image(scene, _normal_size(rng), fmt)
+        rows.append(_Row("non_english", scene, cap, lang, True, w, h, fmt, body))
+    for i in range(counts["empty_caption"]):
+        rows.append(plain("empty_caption", caption=("", " ", "  \t")[i % 3], lang=None, matches=False))
+    for _ in range(counts["tiny_image"]):
+        short = rng.randrange(48, 168, 8)
+        size = (short, int(short * rng.uniform(1.0, 1.5)))
+        rows.append(plain("tiny_image", size=size if rng.random() < 0.5 else size[::-1]))
+    for _ in range(counts["elongated_image"]):
+        h = rng.randrange(208, 289, 8)
+        size = (int(h * rng.uniform(3.3, 5.0)), h)
+        rows.append(plain("elongated_image", size=size if rng.random() < 0.7 else size[::-1]))
+    for category, behaviour in _BEHAVIOUR_OF.items():
+        for _ in range(counts[category]):
+            row = plain(category, behaviour=behaviour, fmt="jpeg")
+            if behaviour in ("not_found", "corrupt", "html"):  # no image is served
+                row.image_format = row.width = row.height = None
+            if behaviour == "not_found":
+                row.body = None
+            elif behaviour == "corrupt":
+                # A JPEG's first bytes, then noise: it sniffs as a JPEG and fails to decode.
+                row.body = row.body[:32] + rng.randbytes(rng.randrange(2000, 8000))
+            elif behaviour == "html":
+                row.body = (b"<!DOCTYPE html><html><head><title>Access denied</title></head><body>"
+                            b"<h1>403</h1><p>Please enable cookies.</p>" + b"<!-- pad -->" * 40 + b"</body></html>")
+            elif behaviour == "opt_out":
+                row.robots = rng.choice(_ROBOTS)
+            rows.append(row)
+    for row in rows:
+        row.source = rng.choice(SOURCES)
+    return rows
+
+
+def _order(rng: random.Random, rows: list[_Row]) -> list[int]:
+    """A shuffled order in which every duplicate group's original precedes its copy."""
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    pos = {r: i for i, r in enumerate(order)}
+    by_group: dict[str, dict[str, int]] = {}
+    for idx, row in enumerate(rows):
+        if row.dup_group:
+            by_group.setdefault(row.dup_group, {})[row.dup_role or ""] = idx
+    for members in by_group.values():
+        o, c = members["original"], members["copy"]
+        if pos[o] > pos[c]:
+            order[pos[o]], order[pos[c]] = c, o
+            pos[o], pos[c] = pos[c], pos[o]
+    return order
