@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import ClassVar, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
