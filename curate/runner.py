@@ -470,7 +470,7 @@ def _run_phase(recipe: Recipe, source: Source, phase: Phase, specs: list[dict], 
     finalize_only = [s for s in pending if f"{s['shard']:05d}.json" in committed]
     to_run = [s for s in pending if f"{s['shard']:05d}.json" not in committed]
 
-    finalizer = ray.remote(num_cpus=0.25, max_retries=3)(finalize_shard)
+    finalizer = ray.remote(num_cpus=0, max_retries=3)(finalize_shard)  # I/O: never wait behind actors
     in_flight: list = []
 
     def finalize(shard: int, marker: dict) -> None:
@@ -544,6 +544,40 @@ def _run_phase(recipe: Recipe, source: Source, phase: Phase, specs: list[dict], 
         ray.get(in_flight)
 
 
+def fit_resources(stages: list[StageConfig], cluster: dict[str, float]) -> list[tuple[StageConfig, Any]]:
+    """Each stage's resources, adjusted so every stage of a phase can run at once on this cluster.
+
+    A stage that asks for a GPU on a cluster without one runs on CPU. Actor pools hold
+    their CPUs for the whole phase, so if the smallest pools (one actor each) plus one
+    task of the largest task stage do not fit, the actors' CPU shares are scaled down
+    (the CPU count is a scheduling token in Ray; the threads are the OS's) — otherwise
+    a small machine would deadlock with every CPU held by idle actors.
+    """
+    have_gpu = cluster.get("GPU", 0) > 0
+    cpus = cluster.get("CPU", 1.0)
+    out = []
+    for cfg in stages:
+        res = cfg.resources
+        if res.num_gpus and not have_gpu:
+            log.warning("stage %s asks for %s GPU but the cluster has none: running it on CPU",
+                        stage_name(cfg), res.num_gpus)
+            res = res.model_copy(update={"num_gpus": 0.0})
+        out.append((cfg, res))
+    actors = [(i, res) for i, (cfg, res) in enumerate(out) if REGISTRY[cfg.use].stateful and not res.num_gpus]
+    held = sum(res.num_cpus * (res.concurrency or 1) for _, res in actors)
+    task_need = max([res.num_cpus for cfg, res in out if not REGISTRY[cfg.use].stateful] + [0.0])
+    task_need = min(task_need, cpus / 2)
+    if actors and held + task_need > cpus:
+        factor = (cpus - task_need) / held
+        for i, res in actors:
+            out[i] = (out[i][0], res.model_copy(update={"num_cpus": round(res.num_cpus * factor, 3)}))
+        log.info("scaled actor CPU shares by %.2f to fit %s CPUs", factor, cpus)
+    for i, (cfg, res) in enumerate(out):
+        if not REGISTRY[cfg.use].stateful and res.num_cpus > task_need and task_need > 0:
+            out[i] = (cfg, res.model_copy(update={"num_cpus": task_need}))
+    return out
+
+
 def _pool_size(res) -> tuple[int, int]:
     """Default actor pool for a model stage: autoscale from 1 up to what the cluster can hold."""
     import ray
@@ -567,19 +601,13 @@ def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str
 
     ds = ray.data.from_items([{"spec": s} for s in items], override_num_blocks=len(items))
     ds = ds.map_batches(
-        _read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+        _read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0,  # I/O; never starved by actor pools
         fn_kwargs={"source": source if phase.index == 0 else None,
                    "decisions_dir": layout.work(f"g{phase.index - 1}") if phase.index > 0 else None,
                    "global_names": global_names, "batch_rows": recipe.runtime.read_batch_rows},
     )
-    have_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    for cfg in phase.stages:
+    for cfg, res in fit_resources(phase.stages, ray.cluster_resources()):
         cls = REGISTRY[cfg.use]
-        res = cfg.resources
-        if res.num_gpus and not have_gpu:
-            log.warning("stage %s asks for %s GPU but the cluster has none: running it on CPU",
-                        stage_name(cfg), res.num_gpus)
-            res = res.model_copy(update={"num_gpus": 0.0})
         batch_size = res.batch_size or recipe.runtime.batch_size
         if cls.stateful:
             lo, hi = (res.concurrency, res.concurrency) if res.concurrency else _pool_size(res)
@@ -600,7 +628,7 @@ def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str
                                 batch_format="pyarrow", num_cpus=res.num_cpus, **kwargs)
     parts_dir = layout.work(f"p{phase.index}", "parts")
     return ds.map_batches(_write_parts, fn_kwargs={"parts_dir": parts_dir}, batch_size=None,
-                          batch_format="pyarrow", num_cpus=0.25)
+                          batch_format="pyarrow", num_cpus=0)
 
 
 def _run_globals(phase: Phase, specs: list[dict], layout: Layout) -> dict[str, dict[str, Any]]:

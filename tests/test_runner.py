@@ -66,7 +66,7 @@ def test_webdataset_source_round_trip(tmp_path, make_recipe, ray_session):
     assert sorted(ledger["key"].to_pylist()) == sorted(samples)
     assert "image" not in ledger.column_names
     by_key = {r["key"]: r for r in ledger.to_pylist()}
-    assert by_key["t1_0003"]["reason"] == "missing_image" and by_key["t1_0003"]["dropped_by"] == "source"
+    assert by_key["t1_0003"]["reason"] == "image_missing" and by_key["t1_0003"]["dropped_by"] == "source"
     assert by_key["t0_0000"]["reason"] == "caption_too_few_words"
     # exact caption duplicate: smallest key kept, the others point at it
     dups = [r for r in ledger.to_pylist() if r["caption"] == "a shared caption seen twice"]

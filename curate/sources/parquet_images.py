@@ -88,7 +88,7 @@ class ParquetImageSource(Source):
                     table = table.append_column(name, carried[name])
                 for name, arr in base_columns(n).items():
                     table = table.append_column(name, arr)
-                table = rows.mark_dropped(table, ["missing_image" if x is None else None for x in images], "source")
+                table = rows.mark_dropped(table, ["image_missing" if x is None else None for x in images], "source")
                 yield table
 
 

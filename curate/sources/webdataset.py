@@ -137,5 +137,5 @@ def _table(buf: list[dict[str, Any]]) -> pa.Table:
         t = t.append_column(name, arr)
     missing = [r.get("_missing_image", False) for r in buf]
     if any(missing):
-        t = rows.mark_dropped(t, ["missing_image" if m else None for m in missing], "source")
+        t = rows.mark_dropped(t, ["image_missing" if m else None for m in missing], "source")
     return t

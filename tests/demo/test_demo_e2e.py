@@ -64,9 +64,11 @@ def test_planted_failures_are_dropped_with_the_right_reasons(demo):
         "opt_out": ("download", {"opt_out:noai", "opt_out:noimageai", "opt_out:noindex"}),
         "html_as_image": ("download", {"not_an_image"}),
         "slow_drip": ("download", {"timeout"}),
-        "tiny_image": ("download", {"image_too_small"}),
-        "elongated_image": ("download", {"image_aspect_ratio"}),
-        "empty_caption": ("caption_length", {"caption_too_few_words"}),
+        "tiny_image": ("datacomp_image", {"image_too_small"}),
+        "elongated_image": ("datacomp_image", {"image_aspect_ratio"}),
+        "empty_caption": ("caption_junk", {"caption_missing"}),
+        "non_english": ("datacomp_language", {"language:de", "language:fr", "language:es", "language:it",
+                                              "language:pt", "language:ca"}),
         "exact_duplicate": ("dedup_exact", {"duplicate:exact_image"}),
         "caption_duplicate": ("dedup_exact", {"duplicate:exact_caption"}),
     }
@@ -81,10 +83,15 @@ def test_planted_failures_are_dropped_with_the_right_reasons(demo):
 
 def test_eval_file(demo):
     ev = json.loads((demo["out"] / EVAL_FILE).read_text())
-    assert [s["stage"] for s in ev["stages"]] == ["download", "caption_length", "dedup_exact"]
+    assert [s["stage"] for s in ev["stages"]] == [
+        "download", "caption_junk", "datacomp_caption", "datacomp_image", "datacomp_language", "clip_score",
+        "dedup_exact"]
     by = {s["stage"]: s for s in ev["stages"]}
     assert by["download"]["recall"] == 1.0 and by["dedup_exact"]["recall"] == 1.0
-    assert by["caption_length"]["precision"] == 1.0 and by["dedup_exact"]["precision"] == 1.0
-    assert "mismatched_caption" in ev["uncovered"] and "non_english" in ev["uncovered"]
+    assert by["download"]["precision"] == 1.0 and by["dedup_exact"]["precision"] == 1.0
+    assert by["datacomp_image"]["precision"] == by["datacomp_image"]["recall"] == 1.0
+    assert by["caption_junk"]["precision"] == 1.0
+    assert by["clip_score"]["recall"] >= 0.6 and by["clip_score"]["precision"] >= 0.6
+    assert ev["uncovered"] == ["perceptual_duplicate", "caption_near_duplicate"]
     assert ev["rows"]["input"] == SAMPLES and ev["rows"]["unmatched_urls"] == 0
     assert ev["world"] == {"samples": SAMPLES, "seed": 1, "dir": str(demo["world"])}

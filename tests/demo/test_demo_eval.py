@@ -21,7 +21,7 @@ ROWS = [
     ("u7", "clean", "g2", "dropped", "dedup_exact"),                  # both members dropped: one too many
     ("u8", "exact_duplicate", "g2", "dropped", "dedup_exact"),
     ("u9", "non_english", None, "dropped", "caption_length"),         # not caption_length's job
-    ("u10", "tiny_image", None, "dropped", "download"),
+    ("u10", "opt_out", None, "dropped", "download"),
     ("u11", "clean", None, "dropped", "dedup_exact"),                 # a clean row lost
 ]
 STAGES = [("download", "download"), ("caption_length", "caption_length"), ("dedup_exact", "dedup_exact"),
@@ -45,7 +45,7 @@ def _stage(ev, name):
 def test_perfect_stage(ev):
     s = _stage(ev, "download")
     assert (s["reached"], s["dropped"], s["expected"], s["correct"]) == (11, 2, 2, 2)
-    assert s["precision"] == s["recall"] == 1.0 and s["dropped_by_category"] == {"dead_link": 1, "tiny_image": 1}
+    assert s["precision"] == s["recall"] == 1.0 and s["dropped_by_category"] == {"dead_link": 1, "opt_out": 1}
 
 
 def test_wrong_drops_and_misses(ev):

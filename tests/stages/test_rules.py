@@ -222,7 +222,7 @@ def test_presets_end_to_end_on_webdataset(tmp_path, make_recipe, ray_session) ->
         ("k06", "a small boat on a calm lake", jpeg_bytes((64, 48)), {"original_width": 800, "original_height": 600},
          None),
         ("k07", "a white house with a garden", b"not an image", None, ("datacomp_image", "image_unreadable")),
-        ("k08", "a tall tree in the field", None, None, ("source", "missing_image")),
+        ("k08", "a tall tree in the field", None, None, ("source", "image_missing")),
     ]
     tar = []
     for key, caption, image, meta, _ in samples:
