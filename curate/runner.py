@@ -313,7 +313,7 @@ def finalize_shard(*, root: str, shard: int, parts: list[str], formats: list[str
         "failed_to_resize": failed_resize, "duration": now - started, "start_time": started, "end_time": now,
         "status_dict": status_dict,
     }
-    _json_write(f"{root}/ledger/{name}_stats.json", i2d_stats)
+    _json_write(f"{root}/shard_stats/{name}_stats.json", i2d_stats)  # not in ledger/: keep it pure Parquet
     done = {"shard": shard, "rows": table.num_rows, "kept": n_kept, "dropped": dropped, "seconds": seconds,
             "outputs": outputs, "ledger": ledger_rel if table.num_rows else None}
     _json_write(f"{root}/{DONE}/{name}.json", done)
@@ -435,8 +435,10 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
         specs = source.plan(layout.work(), recipe.write.samples_per_shard)
         layout.write_json(plan_path, {"shards": specs})
 
+    log.info("planned %d shards in %.1fs", len(specs), time.time() - started)
     _init_ray(recipe)
     _data_context()
+    log.info("ray ready after %.1fs", time.time() - started)
     bar = Progress(bool(progress))
     global_info: dict[str, dict[str, Any]] = {}
     for phase in phases:
@@ -515,8 +517,13 @@ def _run_phase(recipe: Recipe, source: Source, phase: Phase, specs: list[dict], 
             if phase.final:
                 finalize(shard, marker)
 
+        t_start = time.perf_counter()
+        first = True
         try:
             for out in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                if first:
+                    log.info("phase %d: first rows back after %.1fs", phase.index, time.perf_counter() - t_start)
+                    first = False
                 for r in out.to_pylist():
                     st = state[r["shard"]]
                     st["rows"] += r["rows"]
@@ -533,6 +540,7 @@ def _run_phase(recipe: Recipe, source: Source, phase: Phase, specs: list[dict], 
                             raise RuntimeError(f"shard {r['shard']}: {st['rows']} rows written, {st['total']} read")
         finally:
             bar.stop()
+        log.info("phase %d: all rows back after %.1fs", phase.index, time.perf_counter() - t_start)
         for shard, st in state.items():
             if shard in committed_now:
                 continue
@@ -541,7 +549,9 @@ def _run_phase(recipe: Recipe, source: Source, phase: Phase, specs: list[dict], 
             else:
                 raise RuntimeError(f"shard {shard}: only {st['rows']} of {st['total']} rows came back")
     if in_flight:
+        t0 = time.perf_counter()
         ray.get(in_flight)
+        log.info("phase %d: waited %.1fs for the last finalize tasks", phase.index, time.perf_counter() - t0)
 
 
 def fit_resources(stages: list[StageConfig], cluster: dict[str, float]) -> list[tuple[StageConfig, Any]]:
@@ -578,6 +588,17 @@ def fit_resources(stages: list[StageConfig], cluster: dict[str, float]) -> list[
     return out
 
 
+def _free_actor_slots(cfg: StageConfig, res, fitted: list) -> int:
+    """Actors of this stage that fit next to one actor of every other pool and one task."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    others = sum(r.num_cpus * (r.concurrency or 1) for c, r in fitted
+                 if c is not cfg and REGISTRY[c.use].stateful and not r.num_gpus)
+    tasks = max([r.num_cpus for c, r in fitted if not REGISTRY[c.use].stateful] + [0.0])
+    return max(1, int((cpus - others - tasks) // max(res.num_cpus, 0.01)))
+
+
 def _pool_size(res) -> tuple[int, int]:
     """Default actor pool for a model stage: autoscale from 1 up to what the cluster can hold."""
     import ray
@@ -606,16 +627,19 @@ def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str
                    "decisions_dir": layout.work(f"g{phase.index - 1}") if phase.index > 0 else None,
                    "global_names": global_names, "batch_rows": recipe.runtime.read_batch_rows},
     )
-    for cfg, res in fit_resources(phase.stages, ray.cluster_resources()):
+    fitted = fit_resources(phase.stages, ray.cluster_resources())
+    for cfg, res in fitted:
         cls = REGISTRY[cfg.use]
         batch_size = res.batch_size or recipe.runtime.batch_size
         if cls.stateful:
             lo, hi = (res.concurrency, res.concurrency) if res.concurrency else _pool_size(res)
-            # I/O-bound stages (download) overlap batches on one actor so a slow tail doesn't idle it
+            # I/O-bound stages (download) overlap batches on one actor so a slow tail doesn't idle it,
+            # and start with every actor the budget allows instead of waiting for the autoscaler.
             in_flight = getattr(cls, "batches_in_flight", 1)
             extra: dict[str, Any] = {}
             if in_flight > 1:
-                extra = {"max_concurrent_calls_per_actor": in_flight, "enable_true_multi_threading": True}
+                extra = {"max_concurrent_calls_per_actor": in_flight, "enable_true_multi_threading": True,
+                         "initial_size": max(lo, min(hi, _free_actor_slots(cfg, res, fitted)))}
             compute = ActorPoolStrategy(min_size=lo, max_size=hi, **extra)
             ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=batch_size,
                                 batch_format="pyarrow", compute=compute,

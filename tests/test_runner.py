@@ -111,7 +111,7 @@ def test_webdataset_source_round_trip(tmp_path, make_recipe, ray_session):
     assert all((out / s["path"]).exists() for s in m["shards"])
     assert [s["name"] for s in m["stages"]] == ["source", "caption_length", "dedup_exact"]
     assert m["stages"][2]["info"]["caption"]["cluster_sizes"]["3"] == 1
-    stats = json.loads((out / "ledger" / "00000_stats.json").read_text())
+    stats = json.loads((out / "shard_stats" / "00000_stats.json").read_text())
     assert stats["count"] == 20 and stats["successes"] + sum(
         v for k, v in stats["status_dict"].items() if k != "success") == 20
 

@@ -5,6 +5,14 @@ import curate.stages.download  # noqa: F401
 import curate.stages.image_rules  # noqa: F401
 import curate.stages.language  # noqa: F401
 from curate.stages import caption_length, clip_score, dedup_exact, keep_fraction  # noqa: F401
-from curate.stages.base import REGISTRY, GlobalStage, Resources, Stage, StageConfig, StageResult, register
+from curate.stages.base import (
+    REGISTRY,
+    GlobalStage,
+    Resources,
+    Stage,
+    StageConfig,
+    StageResult,
+    register,
+)
 
 __all__ = ["REGISTRY", "GlobalStage", "Resources", "Stage", "StageConfig", "StageResult", "register"]

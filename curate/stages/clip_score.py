@@ -104,6 +104,8 @@ class ClipScore(Stage):
         if precision == "auto":
             precision = "fp16" if device == "cuda" else "fp32"
         self.device = device
+        if device == "cpu":  # use the CPUs Ray gave this actor (Ray sets OMP threads to 1 by default)
+            torch.set_num_threads(max(1, _assigned_cpus()))
         self.model, self.preprocess, self.tokenizer = load_clip(cfg.model, cfg.pretrained, device, precision)
         self.dtype = next(self.model.parameters()).dtype
         if cfg.keep_embeddings:  # declare the vector width so batches without live rows stay typed
@@ -158,6 +160,19 @@ class ClipScore(Stage):
                 columns[IMAGE_EMB] = _fixed_list(img_emb, dim)
                 columns[TEXT_EMB] = _fixed_list(txt_emb, dim)
         return StageResult(columns=columns, drop=drop)
+
+
+def _assigned_cpus() -> int:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return int(round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    except Exception:  # noqa: BLE001 - outside a Ray worker: one thread per core is torch's own default
+        pass
+    import os
+
+    return os.cpu_count() or 1
 
 
 def _fixed_list(vectors: list[np.ndarray | None], dim: int) -> pa.Array:

@@ -224,7 +224,7 @@ def test_download_recipe_end_to_end(tmp_path, make_recipe, ray_session, server):
         assert sample["txt"].decode() == kept[key]["caption"]
     assert seen == set(kept)
 
-    stats = json.loads((out / "ledger" / "00000_stats.json").read_text())
+    stats = json.loads((out / "shard_stats" / "00000_stats.json").read_text())
     assert stats["count"] == len(urls) and stats["successes"] == len(kept)
     assert stats["failed_to_download"] + stats["failed_to_resize"] == len(urls) - len(kept)
     # img2dataset's failed_to_resize: at least the image_/decode reasons, at most all FAILED_TO_RESIZE ones
