@@ -236,7 +236,7 @@ http {{
   tcp_nopush on;
   keepalive_timeout 65;
   keepalive_requests 1000000;
-  open_file_cache max=200000 inactive=120s;
+  open_file_cache off;  # a cache of 20,000 open files ran into the fd limit (EMFILE → 404)
   types {{ image/jpeg jpg; }}
   default_type application/octet-stream;
   client_body_temp_path {prefix}/tmp/body;

@@ -473,6 +473,8 @@ def _run_phase(recipe: Recipe, source: Source, phase: Phase, specs: list[dict], 
     to_run = [s for s in pending if f"{s['shard']:05d}.json" not in committed]
 
     finalizer = ray.remote(num_cpus=0, max_retries=3)(finalize_shard)  # I/O: never wait behind actors
+    # one per CPU at most (each may start a worker process), and never more than the memory cap
+    max_finalize = min(MAX_FINALIZE_IN_FLIGHT, max(1, int(ray.cluster_resources().get("CPU", 1))))
     in_flight: list = []
 
     def finalize(shard: int, marker: dict) -> None:
@@ -480,7 +482,7 @@ def _run_phase(recipe: Recipe, source: Source, phase: Phase, specs: list[dict], 
         in_flight.append(finalizer.remote(
             root=layout.root, shard=shard, parts=marker["parts"], formats=recipe.write.formats,
             caption_column=recipe.write.caption_column, seconds=marker["seconds"], started=started))
-        while len(in_flight) >= MAX_FINALIZE_IN_FLIGHT:
+        while len(in_flight) >= max_finalize:
             ready, in_flight = ray.wait(in_flight, num_returns=1)
             ray.get(ready)
 
@@ -620,9 +622,12 @@ def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
+    # I/O tasks take no CPU share, so actor pools can never starve them, and run at most one per
+    # CPU: with no cap Ray would boot a fresh worker process per task (about 1 s each).
+    io_tasks = TaskPoolStrategy(size=max(1, int(ray.cluster_resources().get("CPU", 1))))
     ds = ray.data.from_items([{"spec": s} for s in items], override_num_blocks=len(items))
     ds = ds.map_batches(
-        _read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0,  # I/O; never starved by actor pools
+        _read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0, compute=io_tasks,
         fn_kwargs={"source": source if phase.index == 0 else None,
                    "decisions_dir": layout.work(f"g{phase.index - 1}") if phase.index > 0 else None,
                    "global_names": global_names, "batch_rows": recipe.runtime.read_batch_rows},
@@ -652,7 +657,7 @@ def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str
                                 batch_format="pyarrow", num_cpus=res.num_cpus, **kwargs)
     parts_dir = layout.work(f"p{phase.index}", "parts")
     return ds.map_batches(_write_parts, fn_kwargs={"parts_dir": parts_dir}, batch_size=None,
-                          batch_format="pyarrow", num_cpus=0)
+                          batch_format="pyarrow", num_cpus=0, compute=io_tasks)
 
 
 def _run_globals(phase: Phase, specs: list[dict], layout: Layout) -> dict[str, dict[str, Any]]:
