@@ -112,11 +112,7 @@ class Layout:
             return json.load(f)
 
     def write_json(self, path: str, data: Any) -> None:
-        tmp = path + f".tmp{uuid.uuid4().hex[:8]}"
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with self.fs.open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        self.fs.mv(tmp, path)
+        _json_write(path, data)
 
     def listdir_names(self, path: str) -> list[str]:
         try:

@@ -8,7 +8,7 @@ last: it is what resume trusts.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import IO
 
 import fsspec
@@ -47,5 +47,3 @@ def atomic_open(path: str) -> Iterator[IO[bytes]]:
             fs.rm(tmp)
         raise
 
-
-Writer = Callable[[pa.Table, str], int]

@@ -139,8 +139,6 @@ def make_source(config: SourceConfig) -> Source:
 
         with fsspec.open(files[0], "rb") as f:
             names = pq.ParquetFile(f).schema_arrow.names
-        if config.image_col in names and config.url_col not in names:
-            return ParquetImageSource(config, files)
-        if config.image_col in names and config.url_col in names:
+        if config.image_col in names:  # images already there: nothing to download
             return ParquetImageSource(config, files)
     return UrlListSource(config, files, fmt)

@@ -103,5 +103,3 @@ def _sniff(data: bytes | None) -> str | None:
         return "webp"
     return "jpg"
 
-
-__all__ = ["ParquetImageSource", "InputError"]
