@@ -189,6 +189,8 @@ def _apply_override(data: dict, expr: str) -> tuple:
                 raise RecipeError(f"--set {key}: {_keypath(parts[:i])} is not a mapping")
             node = node.setdefault(part, {})
     last = parts[-1]
+    if not isinstance(node, dict | list):
+        raise RecipeError(f"--set {key}: {_keypath(parts[:-1])} is not a mapping")
     if isinstance(node, list):
         if not isinstance(last, int) or last >= len(node):
             raise RecipeError(f"--set {key}: no list item {last}")

@@ -49,6 +49,14 @@ def is_embedding(column: str) -> bool:
     return column.endswith(EMBEDDING_SUFFIX)
 
 
+_UNSAFE_KEY = __import__("re").compile(r"[./\\\s]")
+
+
+def safe_key(key: str) -> str:
+    """A key usable as a WebDataset member stem: no dots (they start the extension), no path parts."""
+    return _UNSAFE_KEY.sub("_", key)
+
+
 def timing_column(stage_name: str) -> str:
     return f"_t_{stage_name}"
 

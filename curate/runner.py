@@ -677,6 +677,11 @@ def _run_globals(phase: Phase, specs: list[dict], layout: Layout) -> dict[str, d
                 t = pf.read(columns=cols)
             tables.append(t.append_column(rows.SHARD, pa.array([s["shard"]] * t.num_rows, pa.int64())))
     table = rows.concat(tables)
+    if table.num_rows and pc.count_distinct(table[rows.KEY]).as_py() != table.num_rows:
+        counts = pc.value_counts(table[rows.KEY])
+        repeated = [c["values"] for c in counts.to_pylist() if c["counts"] > 1][:5]
+        raise CurateError(f"global stages need unique keys; repeated: {repeated}. Set source.key_col to a "
+                          "unique column, or leave it unset so curate numbers the rows")
     info: dict[str, dict[str, Any]] = {}
     for st, name in zip(stages, names, strict=True):
         t0 = time.perf_counter()

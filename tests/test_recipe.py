@@ -146,3 +146,9 @@ def test_fingerprint_ignores_output_and_runtime(tmp_path):
     b = load_recipe(p, output_path="b")
     c = load_recipe(p, overrides=["stages.0.min_words=3"])
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_set_into_a_scalar_is_a_recipe_error(tmp_path):
+    p = _write(tmp_path, BASE)
+    with pytest.raises(RecipeError, match="source.path is not a mapping"):
+        load_recipe(p, overrides=["source.path.x=1"])

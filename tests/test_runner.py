@@ -225,3 +225,14 @@ def test_sigkill_mid_run_then_resume_gives_same_keys(tmp_path):
     assert ledger.num_rows == 24 * 30 and len(set(ledger["key"].to_pylist())) == 24 * 30
     assert not list((tmp_path / "killed").rglob("*.tmp*")) or all(
         "_work" in str(p) for p in (tmp_path / "killed").rglob("*.tmp*"))
+
+
+def test_metadata_null_in_one_batch_and_numeric_in_the_next(tmp_path, make_recipe, ray_session):
+    write_tar(tmp_path / "src" / "0.tar", [
+        {"__key__": f"k{i}", "jpg": jpeg_bytes(color=(i, 1, 1)), "txt": "one two three",
+         "json": {"punsafe": None if i < 2 else 0.1 * i}} for i in range(4)])
+    recipe = make_recipe({"source": {"path": str(tmp_path / "src")},
+                          "write": {"output": str(tmp_path / "out")}, "runtime": {"read_batch_rows": 2}})
+    m = run(load_recipe(recipe))
+    assert m.counts.kept == 4
+    assert _read_ledger(tmp_path / "out")["punsafe"].to_pylist() == [None, None, 0.2, pytest.approx(0.3)]

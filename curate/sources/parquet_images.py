@@ -32,6 +32,16 @@ class ParquetImageSource(Source):
             missing = [c for c in [cfg.image_col] + ([cfg.key_col] if cfg.key_col else []) if c not in names]
             if missing:
                 raise InputError(f"{path}: missing column(s) {missing}; the file has: {', '.join(names)}")
+        if cfg.key_col:  # one small column per file: lineage and dedup join on keys, so they must be unique
+            seen: set[str] = set()
+            for path in self.files:
+                with fsspec.open(path, "rb") as f:
+                    for k in pq.read_table(f, columns=[cfg.key_col])[cfg.key_col].to_pylist():
+                        k = rows.safe_key(str(k)) if k is not None else None
+                        if k is None or k in seen:
+                            raise InputError(f"{path}: source.key_col {cfg.key_col!r} has "
+                                             f"{'an empty' if k is None else 'a repeated'} key {k!r}; keys must be unique")
+                        seen.add(k)
 
     def plan(self, work_dir: str, samples_per_shard: int) -> list[dict[str, Any]]:
         specs: list[dict[str, Any]] = []
@@ -65,7 +75,7 @@ class ParquetImageSource(Source):
                     img = pa.chunked_array([c.field("bytes") for c in img.chunks]) if img.num_chunks else pa.nulls(n, pa.binary())
                 images = img.cast(pa.binary()).to_pylist()
                 if cfg.key_col:
-                    keys = [None if k is None else str(k) for k in t[cfg.key_col].to_pylist()]
+                    keys = [None if k is None else rows.safe_key(str(k)) for k in t[cfg.key_col].to_pylist()]
                 else:
                     keys = [make_key(spec["shard"], idx + i, spec["spp"]) for i in range(n)]
                 idx += n

@@ -156,6 +156,13 @@ class UrlListSource(Source):
             for i in range(0, len(data), STREAM_ROWS):
                 yield _from_rows(data[i : i + STREAM_ROWS])
 
+    def _read_or_fail(self, path: str) -> Iterator[pa.Table]:
+        """Batches of one file; a parse error names the file (a malformed CSV row, a broken .gz)."""
+        try:
+            yield from self._batches(path)
+        except (pa.ArrowInvalid, OSError, UnicodeDecodeError, ValueError) as e:
+            raise InputError(f"{path}: cannot read as {self.fmt}: {e}") from e
+
     def _normalise(self, t: pa.Table) -> pa.Table:
         cfg = self.config
         keep = [cfg.url_col] + ([cfg.caption_col] if cfg.caption_col and cfg.caption_col in t.column_names else [])
@@ -188,16 +195,18 @@ class UrlListSource(Source):
         pending: list[pa.Table] = []
         pending_rows = 0
         schema: pa.Schema | None = None
+        seen_keys: set[str] = set()  # key_col values must be unique: lineage and dedup join on them
 
         def flush(n: int) -> None:
             nonlocal pending, pending_rows
-            table = pa.concat_tables(pending, promote_options="permissive").combine_chunks()
+            table = pa.concat_tables([_cast_to(p, schema) for p in pending]).combine_chunks()
             chunk, rest = table.slice(0, n), table.slice(n)
             shard = len(specs)
-            keys = (
-                chunk["_source_key"] if "_source_key" in chunk.column_names
-                else pa.array([make_key(shard, i, samples_per_shard) for i in range(chunk.num_rows)], pa.string())
-            )
+            if "_source_key" in chunk.column_names:
+                keys = pa.array([_checked_key(k, seen_keys, self.config.key_col, shard)
+                                 for k in chunk["_source_key"].to_pylist()], pa.string())
+            else:
+                keys = pa.array([make_key(shard, i, samples_per_shard) for i in range(chunk.num_rows)], pa.string())
             if "_source_key" in chunk.column_names:
                 chunk = chunk.drop(["_source_key"])
             chunk = chunk.add_column(0, rows.KEY, keys)
@@ -210,12 +219,12 @@ class UrlListSource(Source):
             pending_rows = rest.num_rows
 
         for path in self.files:
-            for batch in self._batches(path):
+            for batch in self._read_or_fail(path):
                 t = self._normalise(batch)
                 if schema is None:
                     schema = t.schema
                 else:
-                    t = _conform(t, schema)
+                    t, schema = _conform(t, schema)
                 pending.append(t)
                 pending_rows += t.num_rows
                 while pending_rows >= samples_per_shard:
@@ -266,19 +275,47 @@ def _from_rows(objs: list[dict]) -> pa.Table:
     return pa.table(cols)
 
 
-def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Make a later batch match the first batch's columns and types (strings on conflict)."""
+def _conform(t: pa.Table, schema: pa.Schema) -> tuple[pa.Table, pa.Schema]:
+    """Fit a later batch to the schema so far; returns the batch and the (possibly widened) schema.
+
+    A column that appears later is added (earlier rows read it as null); a value that does not
+    cast to the column's type turns the column into strings from here on — never into nulls.
+    """
     out = {}
-    for field in schema:
-        if field.name in t.column_names:
-            col = t[field.name]
-            if col.type != field.type:
-                try:
-                    col = col.cast(field.type)
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-                    col = pa.array([None if v is None else str(v) for v in col.to_pylist()], field.type) \
-                        if pa.types.is_string(field.type) else pa.nulls(t.num_rows, field.type)
-            out[field.name] = col
-        else:
+    fields = list(schema)
+    for i, field in enumerate(fields):
+        if field.name not in t.column_names:
             out[field.name] = pa.nulls(t.num_rows, field.type)
-    return pa.table(out, schema=schema)
+            continue
+        col = t[field.name]
+        if col.type != field.type:
+            try:
+                col = col.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                col = pa.array([None if v is None else str(v) for v in col.to_pylist()], pa.string())
+                if not pa.types.is_string(field.type):
+                    fields[i] = pa.field(field.name, pa.string())
+        out[field.name] = col
+    for name in t.column_names:
+        if name not in out:
+            out[name] = t[name]
+            fields.append(pa.field(name, t.schema.field(name).type))
+    new_schema = pa.schema(fields)
+    return pa.table({f.name: out[f.name].cast(f.type) for f in new_schema}), new_schema
+
+
+def _cast_to(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A batch read before the schema widened, in the final types (strings cast losslessly)."""
+    return pa.table({f.name: (t[f.name].cast(f.type) if f.name in t.column_names else pa.nulls(t.num_rows, f.type))
+                     for f in schema})
+
+
+def _checked_key(key: str | None, seen: set[str], col: str | None, shard: int) -> str:
+    if key is None or key == "":
+        raise InputError(f"source.key_col {col!r}: an empty key in input shard {shard}; keys must be set")
+    key = rows.safe_key(key)
+    if key in seen:
+        raise InputError(f"source.key_col {col!r}: key {key!r} appears more than once; keys must be unique "
+                         "(or leave key_col unset and curate numbers the rows)")
+    seen.add(key)
+    return key

@@ -130,8 +130,7 @@ def _table(buf: list[dict[str, Any]]) -> pa.Table:
                 cols[n] = pa.array(vals)
             except (pa.ArrowInvalid, pa.ArrowTypeError):
                 cols[n] = pa.array([None if v is None else str(v) for v in vals], pa.string())
-            if pa.types.is_null(cols[n].type):
-                cols[n] = cols[n].cast(pa.string())
+            # an all-null column stays null-typed: it promotes to whatever type other batches have
     t = pa.table(cols)
     for name, arr in base_columns(t.num_rows).items():
         t = t.append_column(name, arr)

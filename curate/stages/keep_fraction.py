@@ -41,8 +41,8 @@ class KeepFraction(GlobalStage):
         if cfg.column not in table.column_names:
             raise ValueError(f"{self.stage_name}: column {cfg.column!r} was not produced by an earlier stage")
         keys = table[rows.KEY].to_pylist()
-        values = table[cfg.column].to_pylist()
-        scored = np.array([v for v in values if v is not None], dtype=np.float64)
+        values = [v if v is not None and math.isfinite(v) else None for v in table[cfg.column].to_pylist()]
+        scored = np.array([v for v in values if v is not None], dtype=np.float64)  # NaN/inf count as missing
         sign = 1.0 if cfg.higher_is_better else -1.0
         reasons: list[str | None] = []
         if len(scored):

@@ -134,3 +134,31 @@ def test_bad_jsonl_line_becomes_a_row(tmp_path):
     src = make_source(SourceConfig(path=str(p)))
     t = _read_all(src, src.plan(str(tmp_path / "w"), 10))
     assert t.num_rows == 3 and t["url"].to_pylist()[1] is None
+
+
+def test_later_columns_and_type_changes_are_kept_not_nulled(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"url": f"u{i}", "caption": "c", "id": i}) + "\n"
+                                              for i in range(3)))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"url": f"v{i}", "caption": "c", "id": f"x{i}",
+                                                          "license": "cc"}) + "\n" for i in range(3)))
+    src = make_source(SourceConfig(path=str(tmp_path)))
+    t = _read_all(src, src.plan(str(tmp_path / "w"), 100))
+    assert t["id"].to_pylist() == ["0", "1", "2", "x0", "x1", "x2"]
+    assert t["license"].to_pylist() == [None] * 3 + ["cc"] * 3
+
+
+def test_malformed_csv_names_the_file(tmp_path):
+    p = tmp_path / "bad.csv"
+    p.write_text("url,caption\nhttp://a/1.jpg,hello\nhttp://a/2.jpg,hi, there\n")
+    with pytest.raises(InputError, match=f"{p}: cannot read as csv"):
+        make_source(SourceConfig(path=str(p))).plan(str(tmp_path / "w"), 10)
+
+
+def test_key_column_must_be_unique_and_is_made_tar_safe(tmp_path):
+    p = tmp_path / "k.csv"
+    p.write_text("id,url,caption\nimg.001,http://a,x\n../evil,http://b,y\n")
+    src = make_source(SourceConfig(path=str(p), key_col="id"))
+    assert _read_all(src, src.plan(str(tmp_path / "w"), 10))["key"].to_pylist() == ["img_001", "___evil"]
+    p.write_text("id,url,caption\na,http://a,x\na,http://b,y\n")
+    with pytest.raises(InputError, match="key 'a' appears more than once"):
+        make_source(SourceConfig(path=str(p), key_col="id")).plan(str(tmp_path / "w2"), 10)

@@ -135,3 +135,12 @@ def test_keep_fraction_keeps_whole_tie_groups(tmp_path, make_recipe, ray_session
     # which is kept whole: 5 words (10) + 4 words (10) = 20
     assert m.counts.kept == 20
     assert m.stages[-1].info["threshold"] == 4
+
+
+def test_keep_fraction_treats_nan_as_missing():
+    from curate.stages.keep_fraction import KeepFraction, KeepFractionConfig
+
+    t = pa.table({"key": ["a", "b", "c", "d"], "s": [0.9, float("nan"), 0.5, 0.1]})
+    decisions, info = KeepFraction(KeepFractionConfig(column="s", fraction=0.5)).decide(t)
+    assert decisions["reason"].to_pylist() == [None, "s_missing", None, "s_below_fraction"]
+    assert info["threshold"] == 0.5 and info["scored"] == 3
