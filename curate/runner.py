@@ -419,6 +419,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
     source.validate()
     for cfg in recipe.stages:  # fail before any work when a stage cannot run here (e.g. no checkpoint)
         REGISTRY[cfg.use](cfg).check()
+    check_global_columns(recipe, source)
     phases = make_phases(recipe.stages)
     layout = Layout(recipe.write.output)
     prepare_output(recipe, layout, overwrite)
@@ -445,6 +446,27 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
     if manifest.complete:
         _cleanup_work(layout, phases)
     return manifest
+
+
+def check_global_columns(recipe: Recipe, source: Source) -> None:
+    """For URL lists, whose columns are all known up front: a global stage reading a column that
+    neither the input nor an earlier stage provides fails now, not after every download."""
+    from curate.sources.urllist import UrlListSource
+
+    if not isinstance(source, UrlListSource):
+        return  # sources with images carry metadata columns known only once read
+    known = {rows.KEY, rows.URL, rows.CAPTION, rows.STATUS, rows.DROPPED_BY, rows.REASON}
+    used = {recipe.source.url_col, recipe.source.caption_col, recipe.source.key_col}
+    known |= {f"source_{c}" if c in rows.RESERVED else c for c in source._header(source.files[0]) if c not in used}
+    for cfg in recipe.stages:
+        stage = REGISTRY[cfg.use](cfg)
+        if isinstance(stage, GlobalStage):
+            missing = [c for c in stage.input_columns() if c not in known]
+            if missing:
+                raise CurateError(
+                    f"stage {stage_name(cfg)} reads column(s) {missing}, which neither the input nor an earlier "
+                    f"stage provides; available then: {', '.join(sorted(known))}")
+        known |= set(stage.output_columns)
 
 
 def _pending(phase: Phase, specs: list[dict], layout: Layout) -> list[dict]:

@@ -236,3 +236,16 @@ def test_metadata_null_in_one_batch_and_numeric_in_the_next(tmp_path, make_recip
     m = run(load_recipe(recipe))
     assert m.counts.kept == 4
     assert _read_ledger(tmp_path / "out")["punsafe"].to_pylist() == [None, None, 0.2, pytest.approx(0.3)]
+
+
+def test_global_stage_column_typo_fails_before_any_download(tmp_path, make_recipe):
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a b c"]}), tmp_path / "u.parquet")
+    recipe = make_recipe({"source": {"path": str(tmp_path / "u.parquet")},
+                          "stages": [{"use": "download", "allow_private_networks": True},
+                                     {"use": "keep_fraction", "column": "clip_scor", "fraction": 0.3}],
+                          "write": {"output": str(tmp_path / "out")}})
+    from curate.errors import CurateError
+
+    with pytest.raises(CurateError, match=r"keep_fraction reads column\(s\) \['clip_scor'\]"):
+        run(load_recipe(recipe))
+    assert not (tmp_path / "out").exists()
