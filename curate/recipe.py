@@ -246,6 +246,7 @@ def load_recipe(
     if not isinstance(raw_stages, list):
         raise fail(("stages",), "must be a list of {use: NAME, ...options}")
     stages: list[StageConfig] = []
+    origins: list[tuple[tuple, _Doc | None]] = []  # where each expanded stage was written, for errors
     for i, entry in enumerate(raw_stages):
         loc = ("stages", i)
         if isinstance(entry, dict) and "preset" in entry:
@@ -262,15 +263,19 @@ def load_recipe(
             for j, pentry in enumerate(pstages):
                 if isinstance(pentry, dict) and "preset" in pentry:
                     raise fail(("stages", j), "presets cannot include presets", pdoc)
-                stages += _expand([_validate_stage(pentry, ("stages", j), lambda lc, m, d=pdoc: fail(lc, m, d))])
+                new = _expand([_validate_stage(pentry, ("stages", j), lambda lc, m, d=pdoc: fail(lc, m, d))])
+                stages += new
+                origins += [(("stages", j), pdoc)] * len(new)
         else:
-            stages += _expand([_validate_stage(entry, loc, fail)])
-    names: dict[str, int] = {}
-    for i, s in enumerate(stages):
+            new = _expand([_validate_stage(entry, loc, fail)])
+            stages += new
+            origins += [(loc, None)] * len(new)
+    names: set[str] = set()
+    for s, (loc, origin) in zip(stages, origins, strict=True):
         n = s.name or s.use
         if n in names or n in ("source", "download_source"):
-            raise fail(("stages", i), f"stage name {n!r} is used twice; give one of them `name:`")
-        names[n] = i
+            raise fail(loc, f"stage name {n!r} is used twice; give one of them `name:`", origin)
+        names.add(n)
 
     rest = {k: v for k, v in data.items() if k != "stages"}
     try:

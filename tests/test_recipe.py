@@ -152,3 +152,15 @@ def test_set_into_a_scalar_is_a_recipe_error(tmp_path):
     p = _write(tmp_path, BASE)
     with pytest.raises(RecipeError, match="source.path is not a mapping"):
         load_recipe(p, overrides=["source.path.x=1"])
+
+
+def test_duplicate_name_after_a_preset_points_at_the_recipe_entry(tmp_path, monkeypatch):
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "two.yaml").write_text("stages:\n  - use: caption_length\n    name: a\n  - use: caption_length\n")
+    monkeypatch.setenv("CURATE_FILTERS_PATH", str(presets))
+    p = _write(tmp_path, "source:\n  path: x.parquet\nstages:\n  - preset: two\n  - use: caption_length\n"
+                         "    name: a\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert e.value.file == str(p) and e.value.line == 5 and e.value.key == "stages[1]"
