@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from curate import __version__, rows
 from curate.errors import CurateError, OutputError
+from curate.fsutil import atomic_open, write_json
 from curate.manifest import Counts, Manifest, ShardEntry, StageCounters
 from curate.recipe import Recipe
 from curate.sinks.base import kept_rows
@@ -112,22 +113,13 @@ class Layout:
             return json.load(f)
 
     def write_json(self, path: str, data: Any) -> None:
-        _json_write(path, data)
+        write_json(path, data)
 
     def listdir_names(self, path: str) -> list[str]:
         try:
             return [p.rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False)]
         except FileNotFoundError:
             return []
-
-
-def _json_write(path: str, data: Any) -> None:
-    fs, p = fsspec.core.url_to_fs(path)
-    tmp = p + f".tmp{uuid.uuid4().hex[:8]}"
-    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    fs.mv(tmp, p)
 
 
 # ------------------------------------------------------------------ UDFs (run on Ray workers)
@@ -309,10 +301,10 @@ def finalize_shard(*, root: str, shard: int, parts: list[str], formats: list[str
         "failed_to_resize": failed_resize, "duration": now - started, "start_time": started, "end_time": now,
         "status_dict": status_dict,
     }
-    _json_write(f"{root}/shard_stats/{name}_stats.json", i2d_stats)  # not in ledger/: keep it pure Parquet
+    write_json(f"{root}/shard_stats/{name}_stats.json", i2d_stats)  # not in ledger/: keep it pure Parquet
     done = {"shard": shard, "rows": table.num_rows, "kept": n_kept, "dropped": dropped, "seconds": seconds,
             "outputs": outputs, "ledger": ledger_rel if table.num_rows else None}
-    _json_write(f"{root}/{DONE}/{name}.json", done)
+    write_json(f"{root}/{DONE}/{name}.json", done)
     return done
 
 
@@ -439,7 +431,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
     bar = Progress(bool(progress))
     global_info: dict[str, dict[str, Any]] = {}
     for phase in phases:
-        _run_phase(recipe, source, phase, specs, layout, bar, started)
+        _run_phase(recipe, source, phases, phase, specs, layout, bar, started)
         if phase.globals_after:
             global_info.update(_run_globals(phase, specs, layout))
     manifest = write_manifest(recipe, layout, specs, global_info, started)
@@ -478,8 +470,8 @@ def _pending(phase: Phase, specs: list[dict], layout: Layout) -> list[dict]:
     return todo if len(done) < len(specs) else []
 
 
-def _run_phase(recipe: Recipe, source: Source, phase: Phase, specs: list[dict], layout: Layout,
-               bar: Progress, started: float) -> None:
+def _run_phase(recipe: Recipe, source: Source, phases: list[Phase], phase: Phase, specs: list[dict],
+               layout: Layout, bar: Progress, started: float) -> None:
     import ray
 
     pending = _pending(phase, specs, layout)
@@ -516,7 +508,7 @@ def _run_phase(recipe: Recipe, source: Source, phase: Phase, specs: list[dict], 
             items = [json.dumps({"shard": s["shard"], "kind": "parts",
                                  "parts": layout.read_json(layout.marker(prev, s["shard"]))["parts"]})
                      for s in to_run]
-            global_names = [stage_name(g) for g in _phase_by_index(recipe, prev).globals_after]
+            global_names = [stage_name(g) for g in phases[prev].globals_after]
         ds = _build_dataset(recipe, source, phase, items, layout, global_names)
         expected_rows = sum(s.get("rows", 0) for s in to_run) or None
         bar.start(f"phase {phase.index + 1}: {len(to_run)} shards", expected_rows)
@@ -631,10 +623,6 @@ def _pool_size(res) -> tuple[int, int]:
     return (1, max(1, cap))
 
 
-def _phase_by_index(recipe: Recipe, index: int) -> Phase:
-    return make_phases(recipe.stages)[index]
-
-
 def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str], layout: Layout,
                    global_names: list[str]):
     import ray
@@ -716,8 +704,8 @@ def _run_globals(phase: Phase, specs: list[dict], layout: Layout) -> dict[str, d
             rows.SHARD, pa.array([shard_of[k] for k in decisions[rows.KEY].to_pylist()], pa.int64()))
         decisions = decisions.take(pc.sort_indices(decisions, sort_keys=[(rows.SHARD, "ascending")]))
         _write_table(f"{gdir}/{name}.parquet", decisions)
-        table = apply_decisions(table.drop([c for c in table.column_names if c not in wanted and c != rows.SHARD]),
-                                decisions.drop([rows.SHARD]), name) if table.num_rows else table
+        if table.num_rows:  # later global stages see only what this one kept
+            table = apply_decisions(table, decisions.drop([rows.SHARD]), name)
         st_info["seconds"] = time.perf_counter() - t0
         info[name] = st_info
     layout.write_json(info_path, info)
@@ -725,11 +713,8 @@ def _run_globals(phase: Phase, specs: list[dict], layout: Layout) -> dict[str, d
 
 
 def _write_table(path: str, table: pa.Table) -> None:
-    fs, p = fsspec.core.url_to_fs(path)
-    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(p + ".tmp", "wb") as f:
+    with atomic_open(path) as f:
         pq.write_table(table, f, row_group_size=8192)
-    fs.mv(p + ".tmp", p)
 
 
 def write_manifest(recipe: Recipe, layout: Layout, specs: list[dict], global_info: dict[str, dict[str, Any]],

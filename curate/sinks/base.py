@@ -7,14 +7,10 @@ last: it is what resume trusts.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from typing import IO
-
-import fsspec
 import pyarrow as pa
 
 from curate import rows
+from curate.fsutil import atomic_open
 
 NON_LEDGER = {rows.IMAGE}
 
@@ -26,24 +22,10 @@ def ledger_table(table: pa.Table) -> pa.Table:
 
 
 def kept_rows(table: pa.Table) -> pa.Table:
+    """The kept rows, in the table's (key) order."""
     import pyarrow.compute as pc
 
-    kept = table.filter(pc.equal(table[rows.STATUS], rows.KEPT))
-    return kept.take(pc.sort_indices(kept[rows.KEY]))
+    return table.filter(pc.equal(table[rows.STATUS], rows.KEPT))
 
 
-@contextlib.contextmanager
-def atomic_open(path: str) -> Iterator[IO[bytes]]:
-    """Write to ``path.tmp`` and rename on success; remove the temp file on failure."""
-    fs, p = fsspec.core.url_to_fs(path)
-    tmp = p + ".tmp"
-    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-    try:
-        with fs.open(tmp, "wb") as f:
-            yield f
-        fs.mv(tmp, p)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            fs.rm(tmp)
-        raise
-
+__all__ = ["atomic_open", "kept_rows", "ledger_table"]

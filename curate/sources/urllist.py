@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from curate import rows
 from curate.errors import InputError
+from curate.fsutil import atomic_open
 from curate.sources.base import Source, base_columns, rename_reserved
 
 STREAM_ROWS = 65536  # rows per read batch while planning: large enough to be fast, small for memory
@@ -211,9 +212,8 @@ class UrlListSource(Source):
                 chunk = chunk.drop(["_source_key"])
             chunk = chunk.add_column(0, rows.KEY, keys)
             path = f"{root}/input/{shard:05d}.parquet"
-            with fs.open(path + ".tmp", "wb") as f:
+            with atomic_open(_unstrip(work_dir, path)) as f:
                 pq.write_table(chunk, f)
-            fs.mv(path + ".tmp", path)
             specs.append({"shard": shard, "kind": "urllist", "path": _unstrip(work_dir, path), "rows": chunk.num_rows})
             pending = [rest] if rest.num_rows else []
             pending_rows = rest.num_rows
