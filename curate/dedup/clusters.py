@@ -72,15 +72,15 @@ def connected_components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndar
 
 def preference_order(table: pa.Table, keep: list[str]) -> np.ndarray:
     """Row indices from most to least preferred by the keep rule, then by key."""
-    sort_keys: list[tuple[str, str]] = []
+    sort_keys: list[tuple[str, str, str]] = []
     for k in keep:
         col = k.lstrip("-+")
         if col not in table.column_names:
             raise ValueError(f"keep rule names column {col!r}, which the rows do not have "
                              f"(columns: {', '.join(table.column_names)})")
-        sort_keys.append((col, "descending" if k.startswith("-") else "ascending"))
-    sort_keys.append((rows.KEY, "ascending"))
-    return pc.sort_indices(table, sort_keys=sort_keys, null_placement="at_end").to_numpy()
+        sort_keys.append((col, "descending" if k.startswith("-") else "ascending", "at_end"))
+    sort_keys.append((rows.KEY, "ascending", "at_end"))
+    return pc.sort_indices(table, sort_keys=sort_keys).to_numpy()
 
 
 def decide_clusters(table: pa.Table, labels: np.ndarray, *, reason: str,

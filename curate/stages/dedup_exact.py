@@ -1,4 +1,15 @@
-"""Exact deduplication (a global stage): identical image bytes, normalised caption or URL."""
+"""Exact deduplication (a global stage): identical image bytes or pixels, normalised caption, URL.
+
+``by: [pixels]`` compares ``pixel_sha256`` (the decoded RGB pixels and size, from
+``use: image_hash``), so a lossless re-encode of the same pixels is caught where the
+bytes' ``sha256`` differs. The entry brings its own ``image_hash`` stage (named
+``<name>_hash``) unless ``hash_images: false`` says an earlier stage already added it.
+
+Example::
+
+    - use: dedup_exact
+      by: [image, pixels, caption]
+"""
 
 from __future__ import annotations
 
@@ -11,10 +22,14 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate import rows
+from curate.errors import CurateError
 from curate.stages.base import GlobalStage, StageConfig, register
+from curate.stages.image_hash import PIXEL_SHA256, hash_stage_for
 
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
 _SPACE = re.compile(r"\s+")
+#: The column each ``by`` level compares.
+LEVEL_COLUMNS = {"image": rows.SHA256, "pixels": PIXEL_SHA256, "caption": rows.CAPTION, "url": rows.URL}
 
 
 def normalise_caption(text: str | None) -> str | None:
@@ -28,11 +43,14 @@ def normalise_caption(text: str | None) -> str | None:
 
 class DedupExactConfig(StageConfig):
     use: Literal["dedup_exact"] = "dedup_exact"
-    by: list[Literal["image", "caption", "url"]] = Field(
+    by: list[Literal["image", "pixels", "caption", "url"]] = Field(
         default_factory=lambda: ["image"],
-        description="What must be identical: image (sha256 of the bytes), caption (normalised), url. "
-        "Several entries are applied one after the other.",
+        description="What must be identical: image (sha256 of the bytes), pixels (sha256 of the decoded "
+        "pixels, from image_hash), caption (normalised), url. Several entries are applied one after the other.",
     )
+    hash_images: bool = Field(
+        True, description="With `pixels`: add an image_hash stage named `<name>_hash` before this one. "
+        "Set false when an earlier image_hash (or dedup_phash) already added pixel_sha256.")
 
 
 @register
@@ -41,16 +59,21 @@ class DedupExact(GlobalStage):
 
     The representative is the smallest key, so the result does not depend on the
     number of shards or workers. Reasons: ``duplicate:exact_image``,
-    ``duplicate:exact_caption``, ``duplicate:exact_url``.
+    ``duplicate:exact_pixels``, ``duplicate:exact_caption``, ``duplicate:exact_url``.
     """
 
     name = "dedup_exact"
     Config = DedupExactConfig
     output_columns: ClassVar[dict[str, pa.DataType]] = {"duplicate_of": pa.string()}
 
+    @classmethod
+    def expand(cls, config: DedupExactConfig) -> list[StageConfig]:
+        if "pixels" in config.by and config.hash_images:
+            return [hash_stage_for(config), config]
+        return [config]
+
     def input_columns(self) -> list[str]:
-        cols = {"image": rows.SHA256, "caption": rows.CAPTION, "url": rows.URL}
-        return [cols[o] for o in self.config.by]  # type: ignore[attr-defined]
+        return [LEVEL_COLUMNS[o] for o in self.config.by]  # type: ignore[attr-defined]
 
     def decide(self, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
         keys = table[rows.KEY].to_pylist()
@@ -60,9 +83,12 @@ class DedupExact(GlobalStage):
         info: dict[str, Any] = {}
         order = pc.sort_indices(table[rows.KEY]).to_pylist()
         for level in self.config.by:  # type: ignore[attr-defined]
-            col = {"image": rows.SHA256, "caption": rows.CAPTION, "url": rows.URL}[level]
+            col = LEVEL_COLUMNS[level]
             if col not in table.column_names:
-                raise ValueError(f"{self.stage_name}: `by: {level}` needs column {col!r}, which no earlier stage produced")
+                hint = (" Add `- use: image_hash` before this stage, or leave `hash_images: true`"
+                        if level == "pixels" else "")
+                raise CurateError(f"{self.stage_name}: `by: {level}` needs column {col!r}, which no earlier "
+                                  f"stage produced.{hint}")
             values = table[col].to_pylist()
             if level == "caption":
                 values = [normalise_caption(v) for v in values]

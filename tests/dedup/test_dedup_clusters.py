@@ -65,3 +65,20 @@ def test_empty_table():
     d, info = decide_clusters(pa.table({"key": pa.array([], pa.string())}), np.zeros(0, np.int64),
                               reason="duplicate:test")
     assert d.num_rows == 0 and info["dropped"] == 0
+
+
+def test_a_later_global_stage_keeps_an_earlier_ones_duplicate_of():
+    from curate import rows
+    from curate.runner import apply_decisions
+
+    batch = pa.table({rows.KEY: ["a", "b", "c", "d"], rows.STATUS: [rows.KEPT] * 4,
+                      rows.DROPPED_BY: pa.nulls(4, pa.string()), rows.REASON: pa.nulls(4, pa.string())})
+    first = pa.table({rows.KEY: ["a", "b", "c", "d"], rows.REASON: [None, "duplicate:exact_image", None, None],
+                      "duplicate_of": [None, "a", None, None]})
+    batch = apply_decisions(batch, first, "dedup_exact")
+    # the second stage sees only what the first kept, so its decisions do not name b
+    second = pa.table({rows.KEY: ["a", "c", "d"], rows.REASON: [None, None, "duplicate:near_image"],
+                       "duplicate_of": [None, None, "c"]})
+    batch = apply_decisions(batch, second, "dedup_phash")
+    assert batch["duplicate_of"].to_pylist() == [None, "a", None, "c"]
+    assert batch[rows.DROPPED_BY].to_pylist() == [None, "dedup_exact", None, "dedup_phash"]
