@@ -15,6 +15,7 @@ import time
 import pyarrow as pa
 
 from curate import rows
+from curate.fsutil import safe_member_path
 from curate.sinks.base import atomic_open
 
 
@@ -35,10 +36,10 @@ def write_webdataset(kept: pa.Table, path: str, *, caption_column: str = rows.CA
     formats = kept[rows.IMAGE_FORMAT].to_pylist() if rows.IMAGE_FORMAT in kept.column_names else ["jpg"] * kept.num_rows
     meta = kept.select(meta_cols).to_pylist()
     captions = kept[caption_column].to_pylist() if caption_column in kept.column_names else [None] * kept.num_rows
-    mtime = time.time()
+    mtime = int(time.time())  # a float mtime makes tarfile add a PAX header to every member
     with atomic_open(path) as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for img, fmt, m, cap in zip(images, formats, meta, captions, strict=True):
-            key = m[rows.KEY]
+            key = safe_member_path(m[rows.KEY])  # keys come from inputs: never a `..` or absolute member name
             members = (
                 (fmt or "jpg", img),
                 ("txt", (cap or "").encode("utf-8")),

@@ -1,14 +1,20 @@
 """Existing WebDataset tars as a source: one input shard per tar, samples grouped by key.
 
 Members are read as a stream (``tarfile`` in ``r|`` mode through fsspec), never
-extracted to disk, so absolute or ``..`` member names cannot write anywhere;
-they are only used as keys.
+extracted to disk, so absolute or ``..`` member names cannot write anywhere.
+Their keys are still made safe (:func:`curate.fsutil.safe_member_path`), because keys
+become member names of the output tars. Links and device files are never
+followed or read: a sample whose image was one is dropped with the reason
+``tar_link_member`` / ``tar_special_member``. A tar that breaks mid-stream fails
+the run with an error naming the file and the last good member.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,9 +23,16 @@ import pyarrow as pa
 
 from curate import rows
 from curate.errors import InputError
+from curate.fsutil import safe_member_path
 from curate.sources.base import Source, base_columns, sha256_hex
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+#: Sample field naming why a member of the sample was skipped (a link or a device file).
+SKIPPED = "__skipped__"
+LINK_REASON = "tar_link_member"
+SPECIAL_REASON = "tar_special_member"
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -35,22 +48,47 @@ def split_member(name: str) -> tuple[str, str]:
     return d + stem, ext.lower()
 
 
+def _skip_reason(member: tarfile.TarInfo) -> str | None:
+    """Why a member is not read as data: links point elsewhere, devices and FIFOs are not files."""
+    if member.issym() or member.islnk():
+        return LINK_REASON
+    if member.ischr() or member.isblk() or member.isfifo():
+        return SPECIAL_REASON
+    return None
+
+
 def iter_samples(path: str) -> Iterator[dict[str, bytes]]:
     """Yield {"__key__": key, ext: bytes, ...} for consecutive members sharing a key."""
     current: dict[str, Any] | None = None
-    with fsspec.open(path, "rb", compression="infer") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = split_member(member.name)
-            if key.startswith("/") or ".." in key.split("/"):
-                key = key.replace("..", "_").lstrip("/")
-            data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key}
-            current[ext] = data
+    last = "(start of file)"
+    try:
+        with fsspec.open(path, "rb", compression="infer") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if member.isdir():
+                    continue
+                raw_key, ext = split_member(member.name)
+                key = safe_member_path(raw_key)
+                if key != raw_key:
+                    log.warning("%s: member %r has an unsafe path; its key is %r", path, member.name, key)
+                reason = _skip_reason(member)
+                if reason is None and not member.isfile():
+                    reason = SPECIAL_REASON  # any other member type tarfile knows: not plain data either
+                data = None
+                if reason is None:
+                    data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                else:
+                    log.warning("%s: skipped member %r (%s)", path, member.name, reason)
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key}
+                if data is not None:
+                    current[ext] = data
+                elif ext in IMAGE_EXTS:
+                    current[SKIPPED] = reason
+                last = member.name
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise InputError(f"{path}: unreadable tar after member {last!r}: {e.__class__.__name__}: {e}") from e
     if current is not None:
         yield current
 
@@ -101,7 +139,7 @@ class WebDatasetSource(Source):
             row[rows.IMAGE] = None
             row[rows.IMAGE_FORMAT] = None
             row[rows.SHA256] = None
-            row["_missing_image"] = True
+            row["_missing_image"] = sample.get(SKIPPED, "image_missing")
         for k, v in meta.items():
             if k in (self.config.url_col, "caption", "key"):
                 continue
@@ -134,7 +172,7 @@ def _table(buf: list[dict[str, Any]]) -> pa.Table:
     t = pa.table(cols)
     for name, arr in base_columns(t.num_rows).items():
         t = t.append_column(name, arr)
-    missing = [r.get("_missing_image", False) for r in buf]
+    missing = [r.get("_missing_image") for r in buf]  # None, or the reason the image is missing
     if any(missing):
-        t = rows.mark_dropped(t, ["image_missing" if m else None for m in missing], "source")
+        t = rows.mark_dropped(t, missing, "source")
     return t
