@@ -144,9 +144,13 @@ class MinHashParams:
     #: Two standard errors keep ~98 % of those and still reject the chance bucket collisions
     #: of unrelated captions (true Jaccard far below). 0: verify at the threshold exactly.
     verify_sigmas: float = 2.0
+    #: False: keep every pair that shares a bucket, as datasketch's MinHashLSH query does.
+    verify: bool = True
 
     def verify_threshold(self) -> float:
-        """The estimated Jaccard a candidate pair must reach (see ``verify_sigmas``)."""
+        """The estimated Jaccard a candidate pair must reach (see ``verify_sigmas``; 0 unverified)."""
+        if not self.verify:
+            return 0.0
         t = self.threshold
         return max(0.0, t - self.verify_sigmas * math.sqrt(t * (1.0 - t) / self.num_perm))
 

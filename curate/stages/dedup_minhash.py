@@ -68,6 +68,8 @@ class DedupMinhashConfig(StageConfig):
     verify_sigmas: float = Field(2.0, ge=0.0, le=6.0, description="Candidate pairs must reach an estimated "
                                  "Jaccard of threshold - verify_sigmas × its standard error (0: the threshold "
                                  "itself, which rejects half of the pairs right at the threshold).")
+    verify: bool = Field(True, description="Check each candidate pair's estimated Jaccard; false keeps every "
+                         "pair sharing a band bucket, as datasketch's MinHashLSH query does.")
     keep: list[str] = KEEP_FIELD
 
 
@@ -101,7 +103,7 @@ class DedupMinhash(GlobalStage):
     def params(self) -> MinHashParams:
         c = self.cfg
         return MinHashParams(threshold=c.threshold, num_perm=c.num_perm, seed=c.seed, shingle=c.shingle,
-                             ngram=c.ngram, verify_sigmas=c.verify_sigmas)
+                             ngram=c.ngram, verify_sigmas=c.verify_sigmas, verify=c.verify)
 
     def check(self) -> None:
         self.params().band_rows()  # fails early on impossible settings

@@ -242,3 +242,16 @@ def test_end_to_end_ledger_and_shard_count_invariance(tmp_path, make_recipe, ray
     assert m1.counts.kept == n - 5 * 4
     info = next(s for s in m1.stages if s.name == "dedup_minhash").info
     assert info["cluster_sizes"] == {"5": 5} and info["image_rejected_pairs"] == 10
+
+
+def test_verification_allows_the_estimates_standard_error():
+    """A pair whose true Jaccard is the threshold must not be a coin flip: verify 2σ below it."""
+    p = mh.MinHashParams(threshold=0.8, num_perm=128)
+    assert p.verify_threshold() == pytest.approx(0.8 - 2 * (0.8 * 0.2 / 128) ** 0.5)
+    assert mh.MinHashParams(threshold=0.8, verify_sigmas=0).verify_threshold() == 0.8
+    # estimates of pairs at exactly J = 0.8 (binomial over 128 permutations): ~98 % pass, ~50 % at 0.8
+    rng = np.random.default_rng(0)
+    est = rng.binomial(128, 0.8, 20000) / 128
+    assert (est >= p.verify_threshold()).mean() > 0.95
+    assert (est >= 0.8).mean() < 0.65
+    assert mh.MinHashParams(threshold=0.8, verify=False).verify_threshold() == 0.0  # datasketch's semantics
