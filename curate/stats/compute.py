@@ -77,9 +77,9 @@ LANGUAGE_COLUMNS = ("lang", "language")
 #: more about the data than the (often fixed) stored size.
 SIZE_COLUMNS = (("original_width", "original_height"), ("width", "height"))
 #: Numeric columns that are not scores: they have their own sections (sizes, tokens,
-#: caption length) or are codes, not quantities (HTTP status).
+#: caption length) or are codes, not quantities (HTTP status, a 64-bit perceptual hash).
 NOT_SCORES = frozenset({"http_status", "width", "height", "original_width", "original_height",
-                        TOKENS_COLUMN, "caption_words", "caption_chars"})
+                        TOKENS_COLUMN, "caption_words", "caption_chars", "phash", "text_tokens"})
 
 
 class StatsError(CurateError):
@@ -242,10 +242,12 @@ def _bin_counts(lf: pl.LazyFrame, column: str, edges: list[float], kept: pl.Expr
     n = len(edges) - 1
     lo, width = edges[0], (edges[-1] - edges[0]) / n
     v = pl.col(column).cast(pl.Float64)
+    # one value so large that lo ± 0.5 rounds to lo: every row in the one bin
+    b = ((pl.col("v") - lo) / width).floor().clip(0, n - 1) if width > 0 else pl.lit(0.0)
     binned = (
         lf.select(v.alias("v"), kept.alias("k"))
         .filter(pl.col("v").is_finite())
-        .select(((pl.col("v") - lo) / width).floor().clip(0, n - 1).cast(pl.Int64).alias("b"), "k")
+        .select(b.cast(pl.Int64).alias("b"), "k")
         .group_by("b")
         .agg(pl.len().alias("all"), pl.col("k").sum().alias("kept"))
         .collect(engine="streaming")

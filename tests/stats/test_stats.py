@@ -230,3 +230,15 @@ def test_large_ledger_with_differing_shard_schemas(tmp_path):
     assert {d.column for d in stats.scores} == {"clip_score"}  # not the null-typed or int/text-conflicting ones
     assert elapsed < 60, f"stats over 100k rows took {elapsed:.1f}s (1M rows take ~8 s on 2 idle cores)"
     assert "<img" in render_report(compute_stats(str(tmp_path)))
+
+
+def test_histogram_of_a_huge_constant_column_does_not_fail():
+    """Values near ±2**63 (a 64-bit hash read as a number) leave a bin width of 0.0 in float."""
+    import polars as pl
+
+    from curate.stats.compute import _bin_counts, _edges
+
+    v = -(2**63) + 5
+    lf = pl.LazyFrame({"v": [v] * 4, "k": [True, False, True, True]})
+    edges = _edges(float(v), float(v), integer=True)
+    assert _bin_counts(lf, "v", edges, pl.col("k")) == ([4], [3])
