@@ -1,4 +1,4 @@
-"""The ``curate`` command line: run, validate, schema, demo."""
+"""The ``curate`` command line: run, validate, schema, stats, mix, demo."""
 
 from __future__ import annotations
 
@@ -73,6 +73,8 @@ def _print_summary(manifest, output: str) -> None:
         table.add_row(s.name, str(s.rows_in), str(s.kept), str(sum(s.dropped.values())), reasons, f"{s.seconds:.1f}")
     console.print(table)
     console.print(f"output: {output}  (manifest.json, {len(manifest.shards)} shard files, ledger/)")
+    if manifest.stats.get("report"):
+        console.print(f"report: {output.rstrip('/')}/{manifest.stats['report']}  (numbers in stats.json)")
 
 
 @app.command()
@@ -108,6 +110,51 @@ def schema(
     for name, sch in all_schemas().items():
         (out / name).write_text(json.dumps(sch, indent=2, sort_keys=True) + "\n")
         typer.echo(f"wrote {out / name}")
+
+
+@app.command()
+def stats(
+    output: Annotated[str, typer.Argument(help="Output folder of `curate run` (any fsspec path).")],
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Also write report.html.")] = True,
+) -> None:
+    """Compute OUTPUT/stats.json and OUTPUT/report.html from a run's ledger, manifest and shards."""
+    from curate.stats import REPORT_FILE, STATS_FILE, write_stats
+
+    try:
+        st = write_stats(output, report=report)
+    except Exception as e:  # noqa: BLE001 - one-paragraph error for the user
+        _fail(e)
+        return
+    root = output.rstrip("/")
+    typer.echo(f"{st.rows.input} rows in, {st.rows.kept} kept, {st.rows.dropped} dropped "
+               f"({len(st.funnel)} stages); computed in {st.seconds:.2f}s")
+    for name, ok in st.checks.items():
+        if not ok:
+            typer.echo(f"warning: check {name} failed: ledger, manifest and shards disagree", err=True)
+    typer.echo(f"wrote {root}/{STATS_FILE}" + (f" and {root}/{REPORT_FILE}" if report else ""))
+
+
+@app.command()
+def mix(
+    mixture: Annotated[Path, typer.Argument(help="Mixture YAML: sources with weights or epochs.")],
+    output: Annotated[str | None, typer.Option("-o", "--output", help="Replace write.output.")] = None,  # noqa: UP007
+    set_: Annotated[list[str], typer.Option("--set", help="Override a mixture key: dotted.key=value.")] = [],  # noqa: B006
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUTPUT.")] = False,
+) -> None:
+    """Mix curated outputs at target ratios (by samples or tokens) into new shards."""
+    from curate.mix import MANIFEST_FILE, load_mixture, run_mix
+
+    try:
+        result = run_mix(load_mixture(mixture, output=output, overrides=set_), overwrite=overwrite)
+    except Exception as e:  # noqa: BLE001 - one-paragraph error for the user
+        _fail(e)
+        return
+    m = result.manifest
+    for s in m["sources"]:
+        typer.echo(f"{s['name']}: {s['samples']} samples ({s['unique_samples']} unique), {s['tokens']} tokens"
+                   f"{'' if s['tokens_exact'] else ' (approx.)'}; {m['unit']} ratio "
+                   f"{s['achieved_ratio'] or 0:.4f} (asked {s['requested_ratio'] or 0:.4f})")
+    typer.echo(f"wrote {m['samples']} samples in {len(result.shards)} shard files; {result.output}/{MANIFEST_FILE}")
 
 
 @app.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class CurateError(Exception):
     """Base class: something the user can fix (recipe, input, output)."""
@@ -27,3 +29,18 @@ class InputError(CurateError):
 
 class OutputError(CurateError):
     """The output location cannot be used as asked (e.g. it holds another recipe's run)."""
+
+
+class SourceError(InputError):
+    """Input shards that could not be read while the run was going (a truncated or corrupt file).
+
+    Raised after every other shard has been committed (``runtime.on_source_error: continue``, the
+    default) or at the first bad shard (``fail``); either way re-running the same command resumes.
+    """
+
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the output's storage is full: not a bug
+
+
+class NoSpaceError(OutputError):
+    """The output location ran out of space (or quota) while a file was being written."""

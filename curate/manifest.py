@@ -44,6 +44,7 @@ class Manifest(BaseModel):
     counts: Counts
     stages: list[StageCounters]
     stats: dict[str, str] = Field(default_factory=dict, description="Name → path of statistics files.")
+    packing: dict[str, Any] | None = Field(None, description="Packed sequences: totals, efficiency, files.")
     elapsed_seconds: float
 
 

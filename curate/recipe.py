@@ -43,7 +43,11 @@ class SourceConfig(BaseModel):
 class WriteConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     output: str | None = Field(None, description="Output root (fsspec path); `-o` sets it.")
-    formats: list[Literal["webdataset", "parquet"]] = Field(default_factory=lambda: ["webdataset", "parquet"])
+    formats: list[Literal["webdataset", "parquet", "packed"]] = Field(
+        default_factory=lambda: ["webdataset", "parquet"],
+        description="`packed`: also write training sequences packed by the `pack` stage's lengths.")
+    packed_formats: list[Literal["webdataset", "parquet"]] = Field(
+        default_factory=lambda: ["webdataset", "parquet"], description="Layouts of the packed sequences.")
     samples_per_shard: int = Field(10000, ge=1, description="Rows per input shard, as img2dataset.")
     caption_column: str = Field("caption", description="Column written as KEY.txt.")
 
@@ -54,6 +58,9 @@ class RuntimeConfig(BaseModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
     batch_size: int = Field(512, ge=1, description="Rows per batch handed to a stage.")
     read_batch_rows: int = Field(1024, ge=1, description="Rows per batch the source readers emit.")
+    on_source_error: Literal["continue", "fail"] = Field(
+        "continue", description="An input shard that cannot be read mid-run (truncated, corrupt): `continue` "
+        "commits every other shard, then fails naming the bad files; `fail` stops at the first one.")
 
 
 class Recipe(BaseModel):

@@ -17,6 +17,7 @@ marker is written last. Re-running skips every shard that has one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,11 +34,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import __version__, rows
-from curate.errors import CurateError, OutputError
+from curate.errors import NO_SPACE_ERRNOS, CurateError, NoSpaceError, OutputError, SourceError
 from curate.fsutil import atomic_open, write_json
 from curate.manifest import Counts, Manifest, ShardEntry, StageCounters
 from curate.recipe import Recipe
 from curate.sinks.base import kept_rows
+from curate.sinks.packed import packing_options, summarize_packing, write_packed
 from curate.sinks.parquet import write_ledger, write_parquet_shard
 from curate.sinks.webdataset import write_webdataset
 from curate.sources.base import Source, make_source
@@ -48,7 +50,41 @@ log = logging.getLogger(__name__)
 
 WORK = "_work"
 DONE = "_done"
+SOURCE_ERRORS = "source_errors"  # under _work/: one JSON per input shard that could not be read this run
 MAX_FINALIZE_IN_FLIGHT = 8  # finalize tasks queued at once; each holds one shard's parts in memory
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Turn a full disk or quota while writing ``path`` into an error that names it.
+
+    The OSError itself says only "No space left on device", not where; the writers use
+    ``atomic_open``, so the half-written file is already gone when this fires.
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in NO_SPACE_ERRNOS:
+            raise
+        raise NoSpaceError(
+            f"{path}: no space left on the output's storage ({e.strerror or e}); nothing partial was committed. "
+            "Free space (or pick another -o) and re-run the same command: it resumes from the committed shards"
+        ) from e
+
+
+def user_error(e: BaseException) -> CurateError | None:
+    """The CurateError behind an exception that crossed Ray (RayTaskError, Ray Data's UserCodeException)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, CurateError) and type(x).__module__.startswith("curate."):
+            return x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
 
 
 # ------------------------------------------------------------------ plan
@@ -113,7 +149,11 @@ class Layout:
             return json.load(f)
 
     def write_json(self, path: str, data: Any) -> None:
-        write_json(path, data)
+        with writing(path):
+            write_json(path, data)
+
+    def source_error(self, shard: int) -> str:
+        return self.work(SOURCE_ERRORS, f"{shard:05d}.json")
 
     def listdir_names(self, path: str) -> list[str]:
         try:
@@ -153,8 +193,14 @@ class _StageActor:
 
 
 def _read_shards(items: pa.Table, *, source: Source | None, decisions_dir: str | None,
-                 global_names: list[str], batch_rows: int) -> Iterator[pa.Table]:
-    """Yield the rows of each shard in ``items``; the last batch carries the shard's row count."""
+                 global_names: list[str], batch_rows: int, errors_dir: str | None = None,
+                 on_source_error: str = "continue") -> Iterator[pa.Table]:
+    """Yield the rows of each shard in ``items``; the last batch carries the shard's row count.
+
+    A source shard that fails mid-read (truncated tar, corrupt Parquet) never gets that last
+    batch, so it is never committed: its error is recorded under ``errors_dir`` for the driver,
+    and the task goes on with its next shard — or, with ``on_source_error: fail``, raises.
+    """
     for spec_json in items["spec"].to_pylist():
         spec = json.loads(spec_json)
         shard = spec["shard"]
@@ -163,15 +209,35 @@ def _read_shards(items: pa.Table, *, source: Source | None, decisions_dir: str |
             it = _join_decisions(it, shard, decisions_dir, global_names)
         total = 0
         prev: pa.Table | None = None
-        for batch in it:
-            if batch.num_rows == 0:
-                continue
-            total += batch.num_rows
-            if prev is not None:
-                yield _tag(prev, shard, None)
-            prev = batch
+        try:
+            for batch in it:
+                if batch.num_rows == 0:
+                    continue
+                total += batch.num_rows
+                if prev is not None:
+                    yield _tag(prev, shard, None)
+                prev = batch
+        except Exception as e:
+            if spec["kind"] == "parts" or errors_dir is None:
+                raise  # our own work files: a bug or lost storage, not bad input
+            err = _record_source_error(spec, e, total, errors_dir)
+            if on_source_error == "fail":
+                raise err from e
+            continue
         if prev is not None:
             yield _tag(prev, shard, total)
+
+
+def _record_source_error(spec: dict[str, Any], e: Exception, rows_read: int, errors_dir: str) -> SourceError:
+    where = str(spec.get("path") or spec.get("paths") or f"shard {spec['shard']}")
+    detail = str(e) if isinstance(e, CurateError) else f"{type(e).__name__}: {e}"
+    message = (f"input shard {spec['shard']}: {detail}" if detail.startswith(where)
+               else f"{where}: cannot read input shard {spec['shard']}: {detail}")
+    log.error("%s; the %d rows read before the error are not committed", message, rows_read)
+    path = f"{errors_dir}/{spec['shard']:05d}.json"
+    with writing(path):
+        write_json(path, {"shard": spec["shard"], "path": where, "error": message, "rows_read": rows_read})
+    return SourceError(message)
 
 
 def _tag(t: pa.Table, shard: int, total: int | None) -> pa.Table:
@@ -214,7 +280,10 @@ def apply_decisions(batch: pa.Table, decisions: pa.Table, stage: str) -> pa.Tabl
     for c in decisions.column_names:
         if c in (rows.KEY, rows.REASON):
             continue
-        batch = rows.with_column(batch, c, decisions[c].take(pos))
+        values = decisions[c].take(pos)
+        if c in batch.column_names:  # an earlier global stage's value (e.g. its duplicate_of) stays
+            values = pc.coalesce(values, batch[c].cast(values.type))
+        batch = rows.with_column(batch, c, values)
     reasons = decisions[rows.REASON].take(pos).to_pylist()
     return rows.mark_dropped(batch, reasons, stage)
 
@@ -235,8 +304,13 @@ def _write_parts(batch: pa.Table, *, parts_dir: str) -> pa.Table:
         seconds = {c[3:]: pc.sum(t[c]).as_py() or 0.0 for c in t.column_names if c.startswith("_t_")}
         t = t.drop([c for c in t.column_names if c.startswith("_t_") or c == rows.SHARD_ROWS])
         name = f"{shard:05d}-{uuid.uuid4().hex[:12]}.parquet"
-        with fs.open(f"{root}/{name}", "wb") as f:
-            pq.write_table(t, f, compression="none")  # temporary, mostly JPEG bytes: zstd only burns CPU
+        try:
+            with writing(f"{parts_dir}/{name}"), fs.open(f"{root}/{name}", "wb") as f:
+                pq.write_table(t, f, compression="none")  # temporary, mostly JPEG bytes: zstd only burns CPU
+        except BaseException:
+            with contextlib.suppress(Exception):  # never listed in a marker, but it holds space
+                fs.rm(f"{root}/{name}")
+            raise
         out["shard"].append(shard)
         out["rows"].append(t.num_rows)
         out["total"].append(totals[0] if totals else None)
@@ -254,7 +328,7 @@ def _with_protocol(like: str, path: str) -> str:
 
 
 def finalize_shard(*, root: str, shard: int, parts: list[str], formats: list[str], caption_column: str,
-                   seconds: dict[str, float], started: float) -> dict[str, Any]:
+                   seconds: dict[str, float], started: float, packing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write one committed shard's outputs, ledger and stats; the ``_done`` marker last."""
     tables = []
     for p in parts:
@@ -270,14 +344,20 @@ def finalize_shard(*, root: str, shard: int, parts: list[str], formats: list[str
     if kept.num_rows:
         if "webdataset" in formats:
             rel = f"webdataset/{name}.tar"
-            outputs.append({"path": rel, "format": "webdataset",
-                            "num_samples": write_webdataset(kept, f"{root}/{rel}", caption_column=caption_column)})
+            with writing(f"{root}/{rel}"):
+                n = write_webdataset(kept, f"{root}/{rel}", caption_column=caption_column)
+            outputs.append({"path": rel, "format": "webdataset", "num_samples": n})
         if "parquet" in formats:
             rel = f"parquet/{name}.parquet"
-            outputs.append({"path": rel, "format": "parquet", "num_samples": write_parquet_shard(kept, f"{root}/{rel}")})
+            with writing(f"{root}/{rel}"):
+                n = write_parquet_shard(kept, f"{root}/{rel}")
+            outputs.append({"path": rel, "format": "parquet", "num_samples": n})
+    with writing(f"{root}/packed (shard {name})"):
+        packed = write_packed(kept, root=root, shard=shard, options=packing) if packing and kept.num_rows else None
     ledger_rel = f"ledger/{name}.parquet"
     if table.num_rows:
-        write_ledger(table, f"{root}/{ledger_rel}")
+        with writing(f"{root}/{ledger_rel}"):
+            write_ledger(table, f"{root}/{ledger_rel}")
     dropped: dict[str, dict[str, int]] = {}
     if table.num_rows:
         for by, reason in zip(table[rows.DROPPED_BY].to_pylist(), table[rows.REASON].to_pylist(), strict=True):
@@ -301,10 +381,14 @@ def finalize_shard(*, root: str, shard: int, parts: list[str], formats: list[str
         "failed_to_resize": failed_resize, "duration": now - started, "start_time": started, "end_time": now,
         "status_dict": status_dict,
     }
-    write_json(f"{root}/shard_stats/{name}_stats.json", i2d_stats)  # not in ledger/: keep it pure Parquet
+    with writing(f"{root}/shard_stats/{name}_stats.json"):  # not in ledger/: keep it pure Parquet
+        write_json(f"{root}/shard_stats/{name}_stats.json", i2d_stats)
     done = {"shard": shard, "rows": table.num_rows, "kept": n_kept, "dropped": dropped, "seconds": seconds,
             "outputs": outputs, "ledger": ledger_rel if table.num_rows else None}
-    write_json(f"{root}/{DONE}/{name}.json", done)
+    if packing:  # sequences, tokens, capacity, efficiency and the packed files (curate/sinks/packed.py)
+        done["packed"] = packed
+    with writing(f"{root}/{DONE}/{name}.json"):
+        write_json(f"{root}/{DONE}/{name}.json", done)
     return done
 
 
@@ -339,6 +423,9 @@ def _data_context() -> None:
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
     ctx.log_internal_stack_trace_to_stdout = False
+    # A worker's CurateError (a full disk, an unreadable input shard) must reach the driver as itself,
+    # not as a UserCodeException whose cause is lost on the way: the user gets its one-line message.
+    ctx.raise_original_map_exception = True
 
 
 class Progress:
@@ -412,9 +499,13 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
     for cfg in recipe.stages:  # fail before any work when a stage cannot run here (e.g. no checkpoint)
         REGISTRY[cfg.use](cfg).check()
     check_global_columns(recipe, source)
+    packing_options(recipe)  # `packed` output without a `pack` stage fails here, before any work
     phases = make_phases(recipe.stages)
     layout = Layout(recipe.write.output)
     prepare_output(recipe, layout, overwrite)
+    for cfg in recipe.stages:  # stages with resume state of their own (VLM replies) learn where to keep it
+        if hasattr(cfg, "set_work_dir"):
+            cfg.set_work_dir(layout.work("vlm", stage_name(cfg)))
 
     plan_path = layout.work("plan.json")
     if layout.exists(plan_path):
@@ -430,13 +521,31 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
     log.info("ray ready after %.1fs", time.time() - started)
     bar = Progress(bool(progress))
     global_info: dict[str, dict[str, Any]] = {}
-    for phase in phases:
-        _run_phase(recipe, source, phases, phase, specs, layout, bar, started)
-        if phase.globals_after:
-            global_info.update(_run_globals(phase, specs, layout))
+    if layout.exists(layout.work(SOURCE_ERRORS)):  # last run's unreadable shards are read again now
+        layout.fs.rm(layout.work(SOURCE_ERRORS), recursive=True)
+    try:
+        for phase in phases:
+            failed = _run_phase(recipe, source, phases, phase, specs, layout, bar, started)
+            if failed:  # later phases need every shard (global stages see the whole pool): stop here
+                write_manifest(recipe, layout, specs, global_info, started)
+                raise SourceError(
+                    f"{len(failed)} input shard(s) could not be read: "
+                    + "; ".join(f["error"] for f in failed)
+                    + f". The other shards of phase {phase.index + 1} are committed; fix or replace the file(s) "
+                    "and re-run the same command to resume, or set runtime.on_source_error: fail to stop at the first")
+            if phase.globals_after:
+                global_info.update(_run_globals(phase, specs, layout))
+    except Exception as e:
+        cause = user_error(e)  # a CurateError raised on a worker arrives wrapped in Ray's exceptions
+        if cause is None or cause is e:
+            raise
+        raise cause from e
     manifest = write_manifest(recipe, layout, specs, global_info, started)
     if manifest.complete:
         _cleanup_work(layout, phases)
+        from curate.stats import write_stats_after_run
+
+        manifest = write_stats_after_run(layout.root, manifest)  # stats.json, report.html; never raises
     return manifest
 
 
@@ -471,12 +580,14 @@ def _pending(phase: Phase, specs: list[dict], layout: Layout) -> list[dict]:
 
 
 def _run_phase(recipe: Recipe, source: Source, phases: list[Phase], phase: Phase, specs: list[dict],
-               layout: Layout, bar: Progress, started: float) -> None:
+               layout: Layout, bar: Progress, started: float) -> list[dict[str, Any]]:
+    """Run one phase over its pending shards; return the source shards that could not be read."""
     import ray
 
     pending = _pending(phase, specs, layout)
+    failed: list[dict[str, Any]] = []
     if not pending:
-        return
+        return failed
     # A shard already committed in the final phase only needs finalizing (a crash hit between the two).
     committed = set(layout.listdir_names(layout.work(f"p{phase.index}")))
     finalize_only = [s for s in pending if f"{s['shard']:05d}.json" in committed]
@@ -491,7 +602,8 @@ def _run_phase(recipe: Recipe, source: Source, phases: list[Phase], phase: Phase
         nonlocal in_flight
         in_flight.append(finalizer.remote(
             root=layout.root, shard=shard, parts=marker["parts"], formats=recipe.write.formats,
-            caption_column=recipe.write.caption_column, seconds=marker["seconds"], started=started))
+            caption_column=recipe.write.caption_column, seconds=marker["seconds"], started=started,
+            packing=packing_options(recipe)))
         while len(in_flight) >= max_finalize:
             ready, in_flight = ray.wait(in_flight, num_returns=1)
             ray.get(ready)
@@ -550,20 +662,40 @@ def _run_phase(recipe: Recipe, source: Source, phases: list[Phase], phase: Phase
                             commit(r["shard"])
                         elif st["rows"] > st["total"]:
                             raise RuntimeError(f"shard {r['shard']}: {st['rows']} rows written, {st['total']} read")
+        except BaseException:
+            _settle(in_flight)
+            raise
         finally:
             bar.stop()
         log.info("phase %d: all rows back after %.1fs", phase.index, time.perf_counter() - t_start)
         for shard, st in state.items():
             if shard in committed_now:
                 continue
-            if st["rows"] == 0 and st["total"] is None:
+            if phase.index == 0 and layout.exists(layout.source_error(shard)):
+                failed.append(layout.read_json(layout.source_error(shard)))
+            elif st["rows"] == 0 and st["total"] is None:
                 commit(shard)  # an empty input shard
             else:
                 raise RuntimeError(f"shard {shard}: only {st['rows']} of {st['total']} rows came back")
     if in_flight:
         t0 = time.perf_counter()
-        ray.get(in_flight)
+        try:
+            ray.get(in_flight)
+        except BaseException:
+            _settle(in_flight)
+            raise
         log.info("phase %d: waited %.1fs for the last finalize tasks", phase.index, time.perf_counter() - t0)
+    return failed
+
+
+def _settle(refs: list) -> None:
+    """Let finalize tasks still running end before the run raises: none keeps writing behind the user's
+    back (or the re-run's), and their own errors (a full disk hits them all) are not logged as unhandled."""
+    import ray
+
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            ray.get(ref)
 
 
 def fit_resources(stages: list[StageConfig], cluster: dict[str, float]) -> list[tuple[StageConfig, Any]]:
@@ -636,7 +768,8 @@ def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str
         _read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0, compute=io_tasks,
         fn_kwargs={"source": source if phase.index == 0 else None,
                    "decisions_dir": layout.work(f"g{phase.index - 1}") if phase.index > 0 else None,
-                   "global_names": global_names, "batch_rows": recipe.runtime.read_batch_rows},
+                   "global_names": global_names, "batch_rows": recipe.runtime.read_batch_rows,
+                   "errors_dir": layout.work(SOURCE_ERRORS), "on_source_error": recipe.runtime.on_source_error},
     )
     fitted = fit_resources(phase.stages, ray.cluster_resources())
     for cfg, res in fitted:
@@ -760,7 +893,7 @@ def write_manifest(recipe: Recipe, layout: Layout, specs: list[dict], global_inf
         complete=len(dones) == len(specs), shards=shards,
         ledger=[d["ledger"] for d in dones if d["ledger"]],
         counts=Counts(input=total, kept=kept, dropped=dropped), stages=counters,
-        stats={}, elapsed_seconds=round(time.time() - started, 3),
+        stats={}, packing=summarize_packing(dones), elapsed_seconds=round(time.time() - started, 3),
     )
     layout.write_json(layout.path("manifest.json"), manifest.model_dump(mode="json"))
     return manifest

@@ -53,4 +53,5 @@ def test_schema_command_writes_files(tmp_path):
     r = curate("schema", "-o", str(tmp_path / "s"))
     assert r.returncode == 0
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
-        "ledger-row.schema.json", "manifest.schema.json", "recipe.schema.json"]
+        "ledger-row.schema.json", "manifest.schema.json", "mixture.schema.json", "recipe.schema.json",
+        "stats.schema.json"]

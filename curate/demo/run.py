@@ -333,6 +333,11 @@ def run_demo(output: str | Path = DEFAULT_OUTPUT, *, samples: int = DEFAULT_SAMP
         truth = world.truth_with_urls(base_url)
         ledger = read_ledger(out, manifest.ledger)
         evaluation = evaluate(truth, ledger, [(stage_name(c), c.use) for c in r.stages])
+        tags = read_tags(out, manifest.ledger)
+        if tags is not None:  # the recaptioner's zero-shot tags against the world's truth tags
+            from curate.demo.tags_eval import tag_accuracy
+
+            evaluation["tags"] = tag_accuracy(tags, truth)
         evaluation["world"] = {"samples": world.samples, "seed": world.seed,
                                "dir": str(root) if world_dir is not None else None}
         pq.write_table(truth, out / TRUTH_FILE)
@@ -354,6 +359,16 @@ def read_ledger(output: Path, files: Iterable[str]) -> pa.Table:
     if not tables:
         return pa.table({c: pa.array([], pa.string()) for c in cols})
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def read_tags(output: Path, files: Iterable[str]) -> pa.Table | None:
+    """``url``, ``status`` and the ``clip_tags`` column of the ledger, or None when no stage tagged."""
+    from curate.stages.clip_tags import TAGS
+
+    cols = [rows.URL, rows.STATUS, TAGS]
+    tables = [pq.read_table(output / f, columns=cols) for f in files
+              if TAGS in pq.read_schema(output / f).names]
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
 
 def _with_status(progress: bool | None, message: str, fn: Callable[[], T]) -> T:
@@ -423,11 +438,24 @@ def summary(result: DemoResult) -> list[Any]:
                           style="yellow"))
     lines.append(Text(f"clean rows kept: {o['clean_kept']} of {o['clean_rows']}; defects left in the output: "
                       f"{sum(o['defects_left'].values())}"))
+    tags = ev.get("tags")
+    if tags:
+        by = {k: v for k, v in tags["by_type"].items() if v["predicted"]}
+        lines.append(Text("clip_tags against the truth tags: " + "; ".join(
+            f"{k} precision {_pct(v['precision'])}, recall {_pct(v['recall'])}" for k, v in by.items())
+            + f" ({tags['tagged']} of {tags['rows']} kept rows tagged, {tags['tags_per_row']} tags each)"))
+    if m.packing:
+        pk = m.packing
+        lines.append(Text(f"packed:   {pk['samples']} samples into {pk['sequences']} sequences of <= "
+                          f"{pk['max_tokens']} tokens, {100 * pk['efficiency']:.1f}% full "
+                          f"({pk['token_count']} token counts) in {out / 'packed'}/"))
     n_tars = sum(1 for s in m.shards if s.format == "webdataset")
     n_pq = sum(1 for s in m.shards if s.format == "parquet")
     lines.append(Text(
         f"shards:   {out / 'webdataset'}/*.tar ({n_tars}), {out / 'parquet'}/*.parquet ({n_pq})\n"
         f"ledger:   {out / 'ledger'}/*.parquet (one row per input row)\n"
         f"manifest: {out / 'manifest.json'}\n"
-        f"grades:   {out / EVAL_FILE}   truth: {out / TRUTH_FILE} (join the ledger on url)"))
+        + (f"report:   {out / m.stats['report']}   stats: {out / m.stats.get('stats', 'stats.json')} "
+           f"(redraw: curate stats {out})\n" if m.stats.get("report") else "")
+        + f"grades:   {out / EVAL_FILE}   truth: {out / TRUTH_FILE} (join the ledger on url)"))
     return [run_t, grade_t, *lines]

@@ -74,6 +74,8 @@ class ClipScore(Stage):
     def __init__(self, config: ClipScoreConfig) -> None:
         super().__init__(config)
         self.output_columns = {SCORE: pa.float32()}
+        if config.keep_embeddings:  # declared before setup() so later global stages' column checks see them
+            self.output_columns |= {IMAGE_EMB: pa.list_(pa.float16()), TEXT_EMB: pa.list_(pa.float16())}
 
     @classmethod
     def expand(cls, config: ClipScoreConfig) -> list[StageConfig]:
