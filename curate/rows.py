@@ -77,31 +77,29 @@ def with_column(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) 
     return table.append_column(name, values)
 
 
-def mark_dropped(table: pa.Table, reasons: Sequence[str | None], stage_name: str) -> pa.Table:
+def mark_dropped(table: pa.Table, reasons: Sequence[str | None] | pa.Array | pa.ChunkedArray,
+                 stage_name: str) -> pa.Table:
     """Mark rows whose reason is not None as dropped by ``stage_name``; drop their image bytes.
 
     Rows already dropped keep their first reason: the ledger says who dropped a
-    sample first, which is the stage that decided its fate.
+    sample first, which is the stage that decided its fate. Vectorised (Arrow
+    kernels): the global phase calls this on every row of the run.
     """
     if len(reasons) != table.num_rows:
         raise ValueError(f"{stage_name}: {len(reasons)} reasons for {table.num_rows} rows")
-    if not any(r is not None for r in reasons):
+    r = reasons if isinstance(reasons, (pa.Array, pa.ChunkedArray)) else pa.array(list(reasons), pa.string())
+    r = r.cast(pa.string())
+    if r.null_count == len(r):
         return table
-    status = table[STATUS].to_pylist()
-    dropped_by = table[DROPPED_BY].to_pylist()
-    reason_col = table[REASON].to_pylist()
-    newly = [False] * table.num_rows
-    for i, r in enumerate(reasons):
-        if r is not None and status[i] == KEPT:
-            status[i], dropped_by[i], reason_col[i], newly[i] = DROPPED, stage_name, r, True
-    table = with_column(table, STATUS, pa.array(status, pa.string()))
-    table = with_column(table, DROPPED_BY, pa.array(dropped_by, pa.string()))
-    table = with_column(table, REASON, pa.array(reason_col, pa.string()))
+    newly = pc.and_(pc.is_valid(r), pc.equal(table[STATUS], KEPT))
+    newly = pc.fill_null(newly, False)
+    table = with_column(table, STATUS, pc.if_else(newly, pa.scalar(DROPPED), table[STATUS].cast(pa.string())))
+    table = with_column(table, DROPPED_BY, pc.if_else(newly, pa.scalar(stage_name),
+                                                      table[DROPPED_BY].cast(pa.string())))
+    table = with_column(table, REASON, pc.if_else(newly, r, table[REASON].cast(pa.string())))
     if IMAGE in table.column_names:
-        table = with_column(
-            table, IMAGE, pc.if_else(pa.array(newly), pa.nulls(table.num_rows, pa.binary()),
-                                     table[IMAGE].cast(pa.binary()))
-        )
+        table = with_column(table, IMAGE, pc.if_else(newly, pa.nulls(table.num_rows, pa.binary()),
+                                                     table[IMAGE].cast(pa.binary())))
     return table
 
 

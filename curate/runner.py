@@ -275,8 +275,7 @@ def apply_decisions(batch: pa.Table, decisions: pa.Table, stage: str) -> pa.Tabl
             if c not in batch.column_names:
                 batch = batch.append_column(c, pa.nulls(batch.num_rows, decisions.schema.field(c).type))
         return batch
-    index = {k: i for i, k in enumerate(decisions[rows.KEY].to_pylist())}
-    pos = pa.array([index.get(k) for k in batch[rows.KEY].to_pylist()], pa.int64())
+    pos = pc.index_in(batch[rows.KEY].cast(pa.string()), value_set=decisions[rows.KEY].combine_chunks().cast(pa.string()))
     for c in decisions.column_names:
         if c in (rows.KEY, rows.REASON):
             continue
@@ -284,8 +283,7 @@ def apply_decisions(batch: pa.Table, decisions: pa.Table, stage: str) -> pa.Tabl
         if c in batch.column_names:  # an earlier global stage's value (e.g. its duplicate_of) stays
             values = pc.coalesce(values, batch[c].cast(values.type))
         batch = rows.with_column(batch, c, values)
-    reasons = decisions[rows.REASON].take(pos).to_pylist()
-    return rows.mark_dropped(batch, reasons, stage)
+    return rows.mark_dropped(batch, decisions[rows.REASON].take(pos), stage)
 
 
 def _write_parts(batch: pa.Table, *, parts_dir: str) -> pa.Table:
@@ -828,13 +826,17 @@ def _run_globals(phase: Phase, specs: list[dict], layout: Layout) -> dict[str, d
     info: dict[str, dict[str, Any]] = {}
     for st, name in zip(stages, names, strict=True):
         t0 = time.perf_counter()
-        live = table.filter(pc.equal(table[rows.STATUS], rows.KEPT)) if table.num_rows else table
+        # only the columns this stage reads: a copy of every column of every row would double the driver's share
+        cols = dict.fromkeys([rows.KEY, rows.SHARD, rows.STATUS, rows.DROPPED_BY, rows.REASON, *st.input_columns()])
+        view = table.select([c for c in cols if c in table.column_names])
+        live = view.filter(pc.equal(view[rows.STATUS], rows.KEPT)) if table.num_rows else view
         decisions, st_info = st.decide(live) if live.num_rows else (
             pa.table({rows.KEY: pa.array([], pa.string()), rows.REASON: pa.array([], pa.string())}), {})
         # Attach shard ids so each shard reads only its own decisions.
-        shard_of = dict(zip(live[rows.KEY].to_pylist(), live[rows.SHARD].to_pylist(), strict=True)) if live.num_rows else {}
-        decisions = decisions.append_column(
-            rows.SHARD, pa.array([shard_of[k] for k in decisions[rows.KEY].to_pylist()], pa.int64()))
+        # (a hash join in Arrow: a Python dict of every key would cost ~150 B a row on the driver)
+        pos = pc.index_in(decisions[rows.KEY].cast(pa.string()),
+                          value_set=live[rows.KEY].combine_chunks().cast(pa.string()))
+        decisions = decisions.append_column(rows.SHARD, live[rows.SHARD].combine_chunks().take(pos).cast(pa.int64()))
         decisions = decisions.take(pc.sort_indices(decisions, sort_keys=[(rows.SHARD, "ascending")]))
         _write_table(f"{gdir}/{name}.parquet", decisions)
         if table.num_rows:  # later global stages see only what this one kept
@@ -842,6 +844,10 @@ def _run_globals(phase: Phase, specs: list[dict], layout: Layout) -> dict[str, d
         st_info["seconds"] = time.perf_counter() - t0
         info[name] = st_info
     layout.write_json(info_path, info)
+    # Arrow's allocator (jemalloc) keeps freed pages for reuse: without this the driver holds the
+    # global phase's peak (~1 KB a row) through every later phase.
+    table = live = view = decisions = tables = None  # type: ignore[assignment]
+    pa.default_memory_pool().release_unused()
     return info
 
 

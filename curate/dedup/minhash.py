@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,13 @@ PERMUTE_CHUNK_SHINGLES = 1024
 #: Buckets up to this size emit every pair; larger ones (thousands of rows sharing a boilerplate
 #: caption) emit a star around their first row plus a chain, so pairs stay O(rows), not O(rows²).
 ALL_PAIRS_MAX_BUCKET = 64
+#: Captions normalised per step on the driver (their Python strs live only for one step).
+NORMALISE_CHUNK_ROWS = 65_536
 #: Rows per signature task: large enough that Ray's per-task cost (~ms) is noise.
 MAX_ROWS_PER_TASK = 50_000
+#: Rows whose band hashes one reducer sorts: (rows × bands) × 3 int64 arrays and their sorted
+#: copies ≈ 50 MB at 9 bands, instead of N/cpus rows each (≈ 1 GB per reducer at a million rows).
+MAX_ROWS_PER_PARTITION = 100_000
 #: Pairs verified per numpy step: (chunk × num_perm) uint32 twice = 64 MB at 128 perms.
 VERIFY_CHUNK_PAIRS = 65_536
 
@@ -412,15 +419,39 @@ def _map_task(texts: list[str], first_row: int, params: MinHashParams, partition
     return (sig, *pieces)
 
 
-def _reduce_task(sig: np.ndarray, threshold: float, *pieces):
-    """Pairs sharing a bucket in this partition, kept when their signatures agree enough."""
+def _reduce_task(per_task: int, threshold: float, sigs: list, *pieces):
+    """Pairs sharing a bucket in this partition, kept when their signatures agree enough.
+
+    ``sigs`` are the map tasks' signature slices (``per_task`` rows each, the last
+    shorter), read from the object store where they already are: no process builds
+    the whole N × num_perm matrix.
+    """
+    import ray
+
     band = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, np.int64)
     bucket = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.uint64)
     row = np.concatenate([p[2] for p in pieces]) if pieces else np.zeros(0, np.int64)
     left, right = bucket_pairs(band, bucket, row)
-    agree = signature_agreement(sig, left, right)
+    agree = signature_agreement(SliceRows(ray.get(list(sigs)), per_task), left, right)
     ok = agree >= threshold - 1e-12
     return left[ok], right[ok], len(left)
+
+
+class SliceRows:
+    """Rows of a signature matrix held as equal slices: ``sig[idx]`` without concatenating them."""
+
+    def __init__(self, slices: list[np.ndarray], per_slice: int) -> None:
+        self.slices = slices
+        self.per_slice = per_slice
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty((len(idx), self.slices[0].shape[1]), dtype=self.slices[0].dtype)
+        which = idx // self.per_slice
+        for k in np.unique(which):
+            m = which == k
+            out[m] = self.slices[int(k)][idx[m] - int(k) * self.per_slice]
+        return out
 
 
 @dataclass
@@ -450,10 +481,21 @@ def near_duplicate_pairs(captions: list[str | None], params: MinHashParams, *,
         normalise_caption,  # here: curate.stages imports this module
     )
 
-    texts = captions if normalised else [normalise_caption(c) for c in captions]
-    present = np.array([t is not None and t != "" for t in texts], dtype=bool)
+    # Normalised texts live in one Arrow array (~ the text's bytes per row), built a chunk at a
+    # time: a Python list of a million str objects would cost ~3x that on the driver.
+    if isinstance(captions, (pa.Array, pa.ChunkedArray)):
+        column = captions
+    else:
+        column = pa.array(captions, pa.string())
+    chunks = []
+    for s in range(0, len(column), NORMALISE_CHUNK_ROWS):
+        part = column.slice(s, NORMALISE_CHUNK_ROWS).to_pylist()
+        chunks.append(pa.array(part if normalised else [normalise_caption(c) for c in part], pa.string()))
+    texts = pa.chunked_array(chunks, pa.string()).combine_chunks() if chunks else pa.array([], pa.string())
+    present = pc.fill_null(pc.greater(pc.utf8_length(texts), 0), False).to_numpy(zero_copy_only=False)
     idx = np.flatnonzero(present)
-    live = [texts[i] for i in idx]
+    live = texts.filter(pa.array(present))
+    del texts, chunks
     b, r = params.band_rows()
     if stats is not None:
         stats.bands, stats.rows = b, r
@@ -462,21 +504,23 @@ def near_duplicate_pairs(captions: list[str | None], params: MinHashParams, *,
     if not ray.is_initialized():  # a library call outside a run: a local Ray, as ray.remote would start
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    partitions = partitions or cpus
+    # enough partitions that one reducer's sort stays small; the pairs do not depend on the count
+    partitions = partitions or max(cpus, -(-len(live) // MAX_ROWS_PER_PARTITION))
     per_task = max(1, min(MAX_ROWS_PER_TASK, -(-len(live) // (2 * cpus))))
     map_fn = ray.remote(_map_task).options(num_returns=partitions + 1)
-    outs = [map_fn.remote(live[s:s + per_task], s, params, partitions) for s in range(0, len(live), per_task)]
-    sig = np.concatenate(ray.get([o[0] for o in outs]))
-    sig_ref = ray.put(sig)
-    del sig
+    outs = [map_fn.remote(live.slice(s, per_task).to_pylist(), s, params, partitions)
+            for s in range(0, len(live), per_task)]
+    del live
     reduce_fn = ray.remote(_reduce_task)
-    results = ray.get([reduce_fn.remote(sig_ref, params.verify_threshold(), *[o[1 + p] for o in outs])
+    sig_refs = [o[0] for o in outs]  # a list of refs inside an argument: passed by reference, fetched by the task
+    results = ray.get([reduce_fn.remote(per_task, params.verify_threshold(), sig_refs, *[o[1 + p] for o in outs])
                        for p in range(partitions)])
+    n_live = len(idx)
     left = np.concatenate([res[0] for res in results])
     right = np.concatenate([res[1] for res in results])
     if len(left):  # a pair sharing buckets in several bands may come from several partitions
-        code = np.unique(left * len(live) + right)
-        left, right = code // len(live), code % len(live)
+        code = np.unique(left * n_live + right)
+        left, right = code // n_live, code % n_live
     if stats is not None:
         stats.candidate_pairs = int(sum(res[2] for res in results))
         stats.verified_pairs = int(len(left))

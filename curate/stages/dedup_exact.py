@@ -17,6 +17,7 @@ import re
 import unicodedata
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
@@ -76,47 +77,56 @@ class DedupExact(GlobalStage):
         return [LEVEL_COLUMNS[o] for o in self.config.by]  # type: ignore[attr-defined]
 
     def decide(self, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
-        keys = table[rows.KEY].to_pylist()
-        alive = [True] * len(keys)
-        reason: list[str | None] = [None] * len(keys)
-        dup_of: list[str | None] = [None] * len(keys)
+        """Vectorised: a level's values are dictionary-encoded and each code's first row in key
+        order is its representative; no Python object per row (the global phase sees every row)."""
+        n = table.num_rows
+        keys = table[rows.KEY].combine_chunks().cast(pa.string())
+        order = pc.sort_indices(keys).to_numpy()
+        alive = np.ones(n, dtype=bool)
+        reason = np.full(n, -1, dtype=np.int64)  # index into `levels`, -1: kept
+        rep = np.arange(n, dtype=np.int64)
         info: dict[str, Any] = {}
-        order = pc.sort_indices(table[rows.KEY]).to_pylist()
-        for level in self.config.by:  # type: ignore[attr-defined]
+        levels = list(self.config.by)  # type: ignore[attr-defined]
+        for li, level in enumerate(levels):
             col = LEVEL_COLUMNS[level]
             if col not in table.column_names:
                 hint = (" Add `- use: image_hash` before this stage, or leave `hash_images: true`"
                         if level == "pixels" else "")
                 raise CurateError(f"{self.stage_name}: `by: {level}` needs column {col!r}, which no earlier "
                                   f"stage produced.{hint}")
-            values = table[col].to_pylist()
+            values = table[col].combine_chunks()
             if level == "caption":
-                values = [normalise_caption(v) for v in values]
-            first: dict[Any, str] = {}
-            sizes: dict[Any, int] = {}
-            dropped = 0
-            for i in order:
-                v = values[i]
-                if not alive[i] or v is None:
-                    continue
-                sizes[v] = sizes.get(v, 0) + 1
-                if v in first:
-                    alive[i] = False
-                    reason[i] = f"duplicate:exact_{level}"
-                    dup_of[i] = first[v]
-                    dropped += 1
-                else:
-                    first[v] = keys[i]
-            hist: dict[str, int] = {}
-            for s in sizes.values():
-                if s > 1:
-                    hist[str(s)] = hist.get(str(s), 0) + 1
-            info[level] = {"dropped": dropped, "cluster_sizes": hist}
+                values = _normalised(values)
+            codes = pc.fill_null(pc.dictionary_encode(values).indices, -1).to_numpy()
+            valid = values.is_valid().to_numpy(zero_copy_only=False)
+            rows_in_order = order[alive[order] & valid[order]]
+            c = codes[rows_in_order]
+            _, first, inverse, sizes = np.unique(c, return_index=True, return_inverse=True, return_counts=True)
+            level_rep = rows_in_order[first][inverse]
+            dup = rows_in_order[level_rep != rows_in_order]
+            alive[dup] = False
+            reason[dup] = li
+            rep[dup] = level_rep[level_rep != rows_in_order]
+            hist_sizes, hist_counts = np.unique(sizes[sizes > 1], return_counts=True)
+            info[level] = {"dropped": int(len(dup)),
+                           "cluster_sizes": {str(int(k)): int(v) for k, v in zip(hist_sizes, hist_counts, strict=True)}}
+        is_dup = pa.array(reason >= 0)
+        names = pa.array([f"duplicate:exact_{lv}" for lv in levels], pa.string())
         decisions = pa.table(
             {
-                rows.KEY: pa.array(keys, pa.string()),
-                rows.REASON: pa.array(reason, pa.string()),
-                "duplicate_of": pa.array(dup_of, pa.string()),
+                rows.KEY: keys,
+                rows.REASON: names.take(pa.array(reason, mask=reason < 0)),
+                "duplicate_of": pc.if_else(is_dup, keys.take(pa.array(rep)), pa.nulls(n, pa.string())),
             }
         )
         return decisions, info
+
+
+#: Captions normalised per step (their Python strs live only for one step).
+NORMALISE_CHUNK_ROWS = 65_536
+
+
+def _normalised(values: pa.Array) -> pa.Array:
+    chunks = [pa.array([normalise_caption(v) for v in values.slice(s, NORMALISE_CHUNK_ROWS).to_pylist()], pa.string())
+              for s in range(0, len(values), NORMALISE_CHUNK_ROWS)]
+    return pa.chunked_array(chunks, pa.string()).combine_chunks() if chunks else pa.array([], pa.string())

@@ -134,9 +134,10 @@ class DedupMinhash(GlobalStage):
         image_col = self._image_column(table) if c.match == "pair" else None
         # Work in key order so the pairs, hence the clusters, do not depend on shard or worker counts.
         order = pc.sort_indices(table[rows.KEY]).to_numpy()
-        table = table.take(pa.array(order))
+        needed = dict.fromkeys([rows.KEY, rows.CAPTION, *keep_columns(c.keep), *([image_col] if image_col else [])])
+        table = table.select([col for col in needed if col in table.column_names]).take(pa.array(order))
         stats = PairStats()
-        left, right = near_duplicate_pairs(table[rows.CAPTION].to_pylist(), self.params(), stats=stats)
+        left, right = near_duplicate_pairs(table[rows.CAPTION].combine_chunks(), self.params(), stats=stats)
         info: dict[str, Any] = {"bands": stats.bands, "rows_per_band": stats.rows,
                                 "verify_threshold": round(self.params().verify_threshold(), 4),
                                 "candidate_pairs": stats.candidate_pairs, "caption_pairs": stats.verified_pairs}

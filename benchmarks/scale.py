@@ -1,0 +1,456 @@
+"""Load: the non-download stages over 100k → 1M synthetic rows; throughput and peak memory per size.
+
+Why: a global stage (dedup) needs the whole data set, so the driver and the object
+store hold something per row; the issue's bar is that the *total* peak memory stays
+within 1.5× from 100k to 1M rows, i.e. the per-row part is small next to the fixed
+cost of Ray and its workers.
+
+For each size it generates Parquet shards of synthetic rows (once, cached under
+``--work``), then runs ``curate run`` on them **in a fresh process** (so peaks are
+independent) with these stages:
+
+    caption_rules (preset caption-junk) → caption_length (≥ 3 words, ≥ 6 chars)
+    → language (keep en) → image_rules (side ≥ 24, aspect ≤ 3)
+    → dedup_exact (image, caption) → dedup_minhash (match: caption)
+
+and writes WebDataset + Parquet shards, the ledger, the manifest and the stats
+report, as a real run does. ``--no-images`` drops the image column, ``image_rules``
+and image dedup, and writes Parquet only. Not ``clip_score``: CPU CLIP scores about
+10 images/s, so a million rows would take a day; its memory is per batch, not per row.
+
+The rows: captions from a template grammar over a large vocabulary (mostly unique),
+with planted defects — junk alt-text (``image``, ``IMG_1234.JPG``, bare URLs), too
+short captions, German/French/Spanish captions, exact caption copies and near copies
+(case + punctuation, a typo, one word added) — and 32×32 random-colour JPEGs (a pool encoded
+once; each row's bytes made unique by a JPEG comment holding its index), a few
+8×8 (too small) and 120×30 (too elongated), some exact image copies.
+
+Memory is sampled every ``--interval`` s by a thread of this process, over the
+``curate`` process and all its descendants (Ray's GCS, raylet — which holds the
+object store, shared memory in /dev/shm — agents and workers):
+
+- **driver**: RSS of the ``curate`` process (the Ray driver: planning, Ray Data's
+  streaming executor, the global phase, the manifest and the statistics);
+- **total**: the sum of PSS (proportional set size) over the whole process tree,
+  which splits each shared page among the processes that map it, so shared
+  libraries count once; for the object store, the larger of its pages' PSS and
+  the bytes allocated in its shared-memory file (read through the raylet's open
+  file descriptor), so a store page counts once even when the worker that wrote
+  it has exited. A sum of RSS (shared pages counted once per process) is
+  reported too, as an upper bound.
+
+Run::
+
+    python benchmarks/scale.py --sizes 100000,300000,1000000 --cpus 2 --json scale.json
+    python benchmarks/scale.py --sizes 100000 --no-images
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger("scale")
+
+#: Rows per generated Parquet file; row groups of SAMPLES_PER_SHARD rows so the source plans
+#: one input shard per row group (img2dataset's 10,000-row shards).
+ROWS_PER_FILE = 100_000
+SAMPLES_PER_SHARD = 10_000
+#: Bar of the issue: total peak at the largest size ≤ this × the total peak at the smallest.
+FLAT_BAR = 1.5
+#: Shares of planted defects: of the order seen in web alt-text pools (REFERENCES.md, "Filtering").
+DEFECTS = {"junk": 0.03, "short": 0.02, "foreign": 0.04, "copy": 0.03, "near": 0.02,
+           "image_copy": 0.02, "tiny": 0.01, "banner": 0.01}
+#: Distinct pre-encoded JPEGs per size class; rows reuse them, made unique by a comment segment.
+IMAGE_POOL = 256
+
+_ADJ = ("red blue green old new small large beautiful bright dark wooden modern vintage rusty "
+        "shiny quiet busy empty colorful foggy snowy sunny tall tiny ancient").split()
+_NOUN = ("dog cat house car bicycle boat tree flower mountain river bridge castle lighthouse "
+         "street market garden kitchen chair table lamp window door beach forest city village "
+         "train airplane horse bird guitar piano book cup bottle").split()
+_PLACE = ("in the park|on the beach|at sunset|in the snow|near the lake|on a hill|in the city|"
+          "at night|in the rain|on a table|by the window|in the forest|under a bridge|"
+          "in an old town|at the market").split("|")
+_STYLE = ("photo of|close up of|picture of|view of|stock image of|illustration of|portrait of|"
+          "watercolor of|drawing of|aerial view of").split("|")
+_FOREIGN = ("ein altes Haus am See mit einem roten Dach|une petite maison près de la rivière au printemps|"
+            "un perro grande corriendo en la playa al atardecer|eine Katze schläft auf dem Sofa im Wohnzimmer|"
+            "la vieille ville sous la neige en hiver|una casa antigua en el centro de la ciudad").split("|")
+_JUNK = ("image|untitled|photo|IMG_{n}.JPG|DSC{n}|https://example.com/{n}.jpg|{n}|banner-{n}|"
+         "thumbnail|no title").split("|")
+
+
+# ------------------------------------------------------------------ synthetic input
+
+
+class Images:
+    """Tiny JPEGs by size class, encoded once; ``get`` makes the bytes unique with a comment."""
+
+    SIZES = {"ok": (32, 32), "tiny": (8, 8), "banner": (120, 30)}
+
+    def __init__(self, rng: random.Random) -> None:
+        from PIL import Image
+
+        self.pool: dict[str, list[bytes]] = {}
+        for kind, size in self.SIZES.items():
+            out = []
+            for _ in range(IMAGE_POOL if kind == "ok" else 16):
+                img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+                for _ in range(4):  # a few blocks of another colour: not every pool image is flat
+                    x, y = rng.randrange(size[0]), rng.randrange(size[1])
+                    img.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + 4, y + 4))
+                buf = io.BytesIO()
+                img.save(buf, "JPEG", quality=85)
+                out.append(buf.getvalue())
+            self.pool[kind] = out
+
+    def get(self, kind: str, i: int, rng: random.Random) -> bytes:
+        """A pool JPEG with a COM segment (FF FE, length, text) after SOI: same pixels, new sha256."""
+        base = rng.choice(self.pool[kind])
+        text = f"row {i}".encode()
+        return base[:2] + b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text + base[2:]
+
+
+class Captions:
+    """A template grammar: style + adjectives + noun + place + a rare word, so most captions are unique."""
+
+    def __init__(self, rng: random.Random) -> None:
+        syll = ["ka", "lo", "mi", "ren", "sa", "to", "vi", "an", "el", "or", "ber", "gan", "dor", "qui"]
+        self.vocab = sorted({"".join(rng.choice(syll) for _ in range(rng.randint(2, 4))) for _ in range(20_000)})
+
+    def clean(self, rng: random.Random) -> str:
+        words = [rng.choice(_STYLE), "a"]
+        words += rng.sample(_ADJ, rng.randint(1, 2))
+        words.append(rng.choice(_NOUN))
+        words.append(rng.choice(_PLACE))
+        words += [rng.choice(["named", "with", "and", "near"]), rng.choice(self.vocab), rng.choice(self.vocab)]
+        return " ".join(words).capitalize()
+
+    def near(self, base: str, rng: random.Random) -> str:
+        kind = rng.randrange(3)
+        if kind == 0:  # case and punctuation: normalised away, so exact caption dedup catches it
+            return base.upper() + rng.choice(["!", ".", " ...", "?"])
+        words = base.split()
+        if kind == 1:  # a typo: two letters of the longest word swapped
+            i = max(range(len(words)), key=lambda j: len(words[j]))
+            w = words[i]
+            if len(w) > 3:
+                k = rng.randrange(len(w) - 1)
+                words[i] = w[:k] + w[k + 1] + w[k] + w[k + 2:]
+            return " ".join(words)
+        words.insert(rng.randrange(len(words) + 1), rng.choice(_ADJ))
+        return " ".join(words)
+
+
+def _row(i: int, rng: random.Random, caps: Captions, imgs: Images | None,
+         recent: list[tuple[str, bytes | None]]) -> tuple[str, bytes | None]:
+    r = rng.random()
+    edges, acc = {}, 0.0
+    for name in ("junk", "short", "foreign", "copy", "near"):
+        acc += DEFECTS[name]
+        edges[name] = acc
+    if r < edges["junk"]:
+        caption = rng.choice(_JUNK).format(n=rng.randrange(10_000))
+    elif r < edges["short"]:
+        caption = rng.choice(_NOUN)
+    elif r < edges["foreign"]:
+        caption = rng.choice(_FOREIGN) + " " + rng.choice(caps.vocab)
+    elif r < edges["copy"] and recent:
+        caption = rng.choice(recent)[0]
+    elif r < edges["near"] and recent:
+        caption = caps.near(rng.choice(recent)[0], rng)
+    else:
+        caption = caps.clean(rng)
+    image = None
+    if imgs is not None:
+        r = rng.random()
+        if r < DEFECTS["image_copy"] and recent and recent[-1][1] is not None:
+            image = rng.choice(recent)[1]
+        elif r < DEFECTS["image_copy"] + DEFECTS["tiny"]:
+            image = imgs.get("tiny", i, rng)
+        elif r < DEFECTS["image_copy"] + DEFECTS["tiny"] + DEFECTS["banner"]:
+            image = imgs.get("banner", i, rng)
+        else:
+            image = imgs.get("ok", i, rng)
+    return caption, image
+
+
+def generate(n: int, folder: Path, *, images: bool, seed: int) -> float:
+    """Write ``n`` rows as Parquet files under ``folder`` (reused if already there); returns seconds."""
+    done = folder / "_complete.json"
+    spec = {"rows": n, "images": images, "seed": seed, "rows_per_file": ROWS_PER_FILE}
+    if done.exists() and json.loads(done.read_text()) == spec:
+        return 0.0
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    t0 = time.perf_counter()
+    rng = random.Random(seed)
+    caps = Captions(rng)
+    imgs = Images(rng) if images else None
+    recent: list[tuple[str, bytes | None]] = []  # copies come from the last few hundred rows
+    for f, start in enumerate(range(0, n, ROWS_PER_FILE)):
+        captions, blobs, urls = [], [], []
+        for i in range(start, min(n, start + ROWS_PER_FILE)):
+            caption, image = _row(i, rng, caps, imgs, recent)
+            captions.append(caption)
+            blobs.append(image)
+            urls.append(f"https://img.example.com/{i}.jpg")
+            recent.append((caption, image))
+            if len(recent) > 512:
+                del recent[:256]
+        cols: dict[str, pa.Array] = {"url": pa.array(urls), "caption": pa.array(captions)}
+        if images:
+            cols["image"] = pa.array(blobs, pa.binary())
+        pq.write_table(pa.table(cols), folder / f"{f:05d}.parquet", row_group_size=SAMPLES_PER_SHARD)
+    done.write_text(json.dumps(spec))
+    return time.perf_counter() - t0
+
+
+def recipe_yaml(input_dir: Path, cpus: int, images: bool) -> str:
+    image_stages = """
+  - use: image_rules
+    min_side: 24
+    max_aspect_ratio: 3.0""" if images else ""
+    return f"""\
+source:
+  path: {input_dir}
+  format: parquet
+stages:
+  - preset: caption-junk
+  - use: caption_length
+    min_words: 3
+    min_chars: 6
+  - use: language
+    keep: [en]{image_stages}
+  - use: dedup_exact
+    by: [{'image, ' if images else ''}caption]
+  - use: dedup_minhash
+    match: caption
+write:
+  formats: [{'webdataset, ' if images else ''}parquet]
+  samples_per_shard: {SAMPLES_PER_SHARD}
+runtime:
+  num_cpus: {cpus}
+"""
+
+
+# ------------------------------------------------------------------ memory sampling
+
+
+#: smaps_rollup fields read per process (kB).
+_ROLLUP_FIELDS = (b"Rss:", b"Pss:", b"Pss_Shmem:")
+
+
+def _rollup(pid: int) -> dict[bytes, int] | None:
+    """Rss, Pss and Pss_Shmem of a process in bytes (None if it has exited)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    out = {}
+    for line in data.splitlines():
+        for name in _ROLLUP_FIELDS:
+            if line.startswith(name):
+                out[name] = int(line.split()[1]) * 1024
+    return out
+
+
+def _plasma_bytes(pid: int) -> int:
+    """Bytes allocated in the object store's shared-memory file, which the raylet keeps open.
+
+    The file is unlinked from /dev/shm right after it is created, so it is reached
+    through the raylet's file descriptor; its allocated blocks are the pages the
+    store has touched (freed objects' pages stay allocated for reuse).
+    """
+    total = 0
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if "/plasma" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                    total += os.stat(f"/proc/{pid}/fd/{fd}").st_blocks * 512
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return total
+
+
+class TreeMemory:
+    """Peak memory of a process tree, sampled in a thread.
+
+    ``total`` = Σ (PSS − PSS of shared memory) over the tree + the larger of Σ PSS of
+    shared memory and the bytes allocated in the object store's file: a store page that
+    no live process maps any more (its writer exited) is still memory, and a page mapped
+    by several processes counts once. ``driver`` is the RSS of the root process.
+    """
+
+    def __init__(self, pid: int, interval: float) -> None:
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.driver_peak = 0
+        self.total_peak = 0
+        self.rss_sum_peak = 0
+        self.plasma_peak = 0
+        self.at_peak: dict[str, int] = {}  # memory by process name when the total peaked
+        self.samples: list[tuple[float, int, int, int]] = []  # (t, driver RSS, total, object store)
+        self._t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        private = shmem = rss = driver = plasma = 0
+        by_name: dict[str, int] = {}
+        for p in procs:
+            m = _rollup(p.pid)
+            if m is None:
+                continue
+            try:
+                name = "driver" if p.pid == self.root.pid else p.name()
+            except psutil.Error:
+                continue
+            if name == "raylet":
+                plasma += _plasma_bytes(p.pid)
+            own = m.get(b"Pss:", 0) - m.get(b"Pss_Shmem:", 0)
+            private += own
+            shmem += m.get(b"Pss_Shmem:", 0)
+            rss += m.get(b"Rss:", 0)
+            if p.pid == self.root.pid:
+                driver = m.get(b"Rss:", 0)
+            by_name[name] = by_name.get(name, 0) + own
+        total = private + max(shmem, plasma)
+        by_name["object store (shm)"] = max(shmem, plasma)
+        self.driver_peak = max(self.driver_peak, driver)
+        self.rss_sum_peak = max(self.rss_sum_peak, rss)
+        self.plasma_peak = max(self.plasma_peak, plasma)
+        if total > self.total_peak:
+            self.total_peak = total
+            self.at_peak = by_name
+        self.samples.append((round(time.perf_counter() - self._t0, 2), driver, total, plasma))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ------------------------------------------------------------------ one run
+
+
+def _curate_command() -> list[str]:
+    exe = Path(sys.executable).with_name("curate")
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from curate.cli import main; main()"]
+
+
+def run_size(n: int, *, work: Path, cpus: int, images: bool, seed: int, interval: float) -> dict[str, Any]:
+    input_dir = work / f"input-{n}{'' if images else '-noimg'}"
+    gen_s = generate(n, input_dir, images=images, seed=seed)
+    if gen_s:
+        log.info("generated %s rows in %.1fs", f"{n:,}", gen_s)
+    out = work / f"out-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    recipe = work / f"recipe-{'img' if images else 'noimg'}.yaml"
+    recipe.write_text(recipe_yaml(input_dir, cpus, images))
+    cmd = [*_curate_command(), "-v", "run", str(recipe), "-o", str(out), "--no-progress"]
+    logf = work / f"run-{n}.log"
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    with open(logf, "w") as lf:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env)
+        with TreeMemory(proc.pid, interval) as mem:
+            rc = proc.wait()
+        seconds = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"curate run failed (exit {rc}) for {n:,} rows; see {logf}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    if manifest["counts"]["input"] != n or not manifest["complete"]:
+        raise SystemExit(f"{out}/manifest.json: {manifest['counts']['input']} rows in, expected {n}")
+    stages = {s["name"]: {"kept": s["kept"], "dropped": sum(s["dropped"].values()), "seconds": s["seconds"]}
+              for s in manifest["stages"]}
+    mib = 2**20
+    return {
+        "rows": n, "seconds": seconds, "rows_per_s": n / seconds, "kept": manifest["counts"]["kept"],
+        "driver_peak_mib": mem.driver_peak / mib, "total_peak_mib": mem.total_peak / mib,
+        "rss_sum_peak_mib": mem.rss_sum_peak / mib, "object_store_peak_mib": mem.plasma_peak / mib,
+        "at_peak_mib": {k: round(v / mib, 1) for k, v in sorted(mem.at_peak.items(), key=lambda kv: -kv[1])},
+        "stages": stages, "log": str(logf), "curve": mem.samples,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="100000,300000,1000000", help="comma-separated row counts")
+    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--no-images", action="store_true", help="captions only: no image column, no image stages")
+    p.add_argument("--work", type=Path, default=Path("/tmp/curate-scale"), help="inputs, outputs and logs")
+    p.add_argument("--interval", type=float, default=0.25, help="seconds between memory samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-output", action="store_true", help="keep each run's output folder")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    sizes = [int(s) for s in a.sizes.split(",")]
+    a.work.mkdir(parents=True, exist_ok=True)
+    print("stages: caption_rules (caption-junk), caption_length, language"
+          f"{', image_rules' if not a.no_images else ''}, dedup_exact, dedup_minhash (match: caption). "
+          "Not clip_score: CPU CLIP scores ~10 images/s, a million rows would take about a day.")
+    results = []
+    for n in sizes:
+        r = run_size(n, work=a.work, cpus=a.cpus, images=not a.no_images, seed=a.seed, interval=a.interval)
+        results.append(r)
+        log.info("%s rows: %.1fs, driver %.0f MiB, total %.0f MiB; at peak: %s", f"{n:,}", r["seconds"],
+                 r["driver_peak_mib"], r["total_peak_mib"], r["at_peak_mib"])
+        if not a.keep_output:
+            shutil.rmtree(a.work / f"out-{n}", ignore_errors=True)
+
+    print(f"\n{'rows':>10}{'seconds':>9}{'rows/s':>9}{'kept':>10}{'driver peak MiB':>17}"
+          f"{'total peak MiB':>16}{'store peak MiB':>16}{'RSS-sum peak MiB':>18}")
+    for r in results:
+        print(f"{r['rows']:>10,}{r['seconds']:>9.1f}{r['rows_per_s']:>9,.0f}{r['kept']:>10,}"
+              f"{r['driver_peak_mib']:>17.0f}{r['total_peak_mib']:>16.0f}{r['object_store_peak_mib']:>16.0f}"
+              f"{r['rss_sum_peak_mib']:>18.0f}")
+    first, last = results[0], results[-1]
+    ratio = last["total_peak_mib"] / first["total_peak_mib"]
+    if last["rows"] > first["rows"]:
+        per_row = (last["total_peak_mib"] - first["total_peak_mib"]) * 2**20 / (last["rows"] - first["rows"])
+        drv_row = (last["driver_peak_mib"] - first["driver_peak_mib"]) * 2**20 / (last["rows"] - first["rows"])
+        print(f"total peak {last['rows']:,} / {first['rows']:,} rows: {ratio:.2f}x (bar: <= {FLAT_BAR}x: "
+              f"{'flat' if ratio <= FLAT_BAR else 'NOT flat'}); per extra row: {per_row:.0f} B in total, "
+              f"{drv_row:.0f} B in the driver")
+    print("driver: RSS of the curate process; total: PSS over it and every Ray process it started, the object "
+          f"store counted once (see --help); wall seconds include Ray start-up; {a.cpus} CPUs")
+    if a.json:
+        a.json.write_text(json.dumps({"cpus": a.cpus, "images": not a.no_images, "results": results,
+                                      "ratio": ratio}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
