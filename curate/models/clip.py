@@ -105,3 +105,52 @@ def load_clip(model: str, pretrained: str | None, device: str = "cpu", precision
         model, pretrained=ckpt, device=device, precision=precision)
     clip.eval()
     return clip, preprocess, open_clip.get_tokenizer(model)
+
+
+def assigned_cpus() -> int:
+    """CPUs Ray gave this worker (Ray sets OMP threads to 1); outside Ray, every core."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return max(1, int(round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    except Exception:  # noqa: BLE001 - outside a Ray worker: one thread per core is torch's own default
+        pass
+    return os.cpu_count() or 1
+
+
+def load_clip_for_worker(model: str, pretrained: str | None, device: str = "auto", precision: str = "auto"):
+    """:func:`load_clip` with ``auto`` resolved (GPU and fp16 when there is one) and torch's CPU
+    threads set to what this worker was given. Returns (model, preprocess, tokenizer, device, dtype)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "auto":
+        precision = "fp16" if device == "cuda" else "fp32"
+    if device == "cpu":
+        torch.set_num_threads(assigned_cpus())
+    clip, preprocess, tokenizer = load_clip(model, pretrained, device, precision)
+    return clip, preprocess, tokenizer, device, next(clip.parameters()).dtype
+
+
+def preprocess_images(images: list[bytes | None], preprocess) -> tuple[list[int], list[Any], list[str | None]]:
+    """Decode and preprocess a batch's image bytes: (indices that decoded, their tensors, drop reason per row)."""
+    import io
+
+    from PIL import Image
+
+    ok: list[int] = []
+    tensors: list[Any] = []
+    drop: list[str | None] = [None] * len(images)
+    for i, data in enumerate(images):
+        if data is None:
+            drop[i] = "image_missing"
+            continue
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                tensors.append(preprocess(im.convert("RGB")))
+            ok.append(i)
+        except Exception:  # noqa: BLE001 - any decoder failure is a per-row drop
+            drop[i] = "image_decode_error"
+    return ok, tensors, drop

@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Literal
 
@@ -35,6 +34,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from curate import rows
+from curate.models.clip import preprocess_images
 from curate.stages.base import Resources, Stage, StageConfig, StageResult, register
 
 log = logging.getLogger(__name__)
@@ -96,30 +96,21 @@ class ClipScore(Stage):
     def setup(self) -> None:
         import torch
 
-        from curate.models.clip import load_clip
+        from curate.models.clip import load_clip_for_worker
 
         cfg: ClipScoreConfig = self.config  # type: ignore[assignment]
-        device = cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        precision = cfg.precision
-        if precision == "auto":
-            precision = "fp16" if device == "cuda" else "fp32"
-        self.device = device
-        if device == "cpu":  # use the CPUs Ray gave this actor (Ray sets OMP threads to 1 by default)
-            torch.set_num_threads(max(1, _assigned_cpus()))
-        self.model, self.preprocess, self.tokenizer = load_clip(cfg.model, cfg.pretrained, device, precision)
-        self.dtype = next(self.model.parameters()).dtype
+        self.model, self.preprocess, self.tokenizer, self.device, self.dtype = load_clip_for_worker(
+            cfg.model, cfg.pretrained, cfg.device, cfg.precision)
+        device = self.device
         if cfg.keep_embeddings:  # declare the vector width so batches without live rows stay typed
             with torch.inference_mode():
                 dim = int(self.model.encode_text(self.tokenizer([""]).to(device)).shape[-1])
             self.output_columns = {**self.output_columns, IMAGE_EMB: pa.list_(pa.float16(), dim),
                                    TEXT_EMB: pa.list_(pa.float16(), dim)}
-        log.info("clip_score: %s/%s on %s (%s)", cfg.model, cfg.pretrained, device, precision)
+        log.info("clip_score: %s/%s on %s (%s)", cfg.model, cfg.pretrained, device, self.dtype)
 
     def process(self, batch: pa.Table) -> StageResult:
         import torch
-        from PIL import Image
 
         cfg: ClipScoreConfig = self.config  # type: ignore[assignment]
         images = batch[rows.IMAGE].to_pylist()
@@ -128,19 +119,7 @@ class ClipScore(Stage):
         scores: list[float | None] = [None] * n
         img_emb: list[np.ndarray | None] = [None] * n
         txt_emb: list[np.ndarray | None] = [None] * n
-        drop: list[str | None] = [None] * n
-        ok: list[int] = []
-        tensors = []
-        for i, data in enumerate(images):
-            if data is None:
-                drop[i] = "image_missing"
-                continue
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    tensors.append(self.preprocess(im.convert("RGB")))
-                ok.append(i)
-            except Exception:  # noqa: BLE001 - any decoder failure is a per-row drop
-                drop[i] = "image_decode_error"
+        ok, tensors, drop = preprocess_images(images, self.preprocess)
         for start in range(0, len(ok), cfg.inference_batch):
             idx = ok[start:start + cfg.inference_batch]
             imgs = torch.stack(tensors[start:start + cfg.inference_batch]).to(self.device, self.dtype)
@@ -162,19 +141,6 @@ class ClipScore(Stage):
                 columns[IMAGE_EMB] = _fixed_list(img_emb, dim)
                 columns[TEXT_EMB] = _fixed_list(txt_emb, dim)
         return StageResult(columns=columns, drop=drop)
-
-
-def _assigned_cpus() -> int:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return int(round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    except Exception:  # noqa: BLE001 - outside a Ray worker: one thread per core is torch's own default
-        pass
-    import os
-
-    return os.cpu_count() or 1
 
 
 def _fixed_list(vectors: list[np.ndarray | None], dim: int) -> pa.Array:

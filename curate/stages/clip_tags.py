@@ -56,7 +56,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import re
 from dataclasses import dataclass
@@ -68,8 +67,9 @@ from pydantic import Field, field_validator, model_validator
 
 from curate import rows
 from curate.errors import CurateError
+from curate.models.clip import preprocess_images
 from curate.stages.base import Resources, Stage, StageConfig, StageResult, register
-from curate.stages.clip_score import INFERENCE_BATCH, _assigned_cpus
+from curate.stages.clip_score import INFERENCE_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -288,22 +288,14 @@ class ClipTags(Stage):
     def setup(self) -> None:
         import torch
 
-        from curate.models.clip import load_clip
+        from curate.models.clip import load_clip_for_worker
 
         cfg: ClipTagsConfig = self.config  # type: ignore[assignment]
-        device = cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        precision = cfg.precision
-        if precision == "auto":
-            precision = "fp16" if device == "cuda" else "fp32"
-        self.device = device
-        if device == "cpu":
-            torch.set_num_threads(max(1, _assigned_cpus()))
+        self.model, self.preprocess, tokenizer, self.device, self.dtype = load_clip_for_worker(
+            cfg.model, cfg.pretrained, cfg.device, cfg.precision)
+        device = self.device
         self.vocab = load_vocabulary(cfg.vocabulary).only(cfg.groups)
         self.tag_index = {t: i for i, t in enumerate(self.vocab.tags)}
-        self.model, self.preprocess, tokenizer = load_clip(cfg.model, cfg.pretrained, device, precision)
-        self.dtype = next(self.model.parameters()).dtype
         self.scale = float(cfg.logit_scale if cfg.logit_scale is not None else self.model.logit_scale.exp().item())
         self.text_emb = self._embed_tags(tokenizer)
         self.members = [torch.tensor(m, device=device) for m in self.vocab.group_members()]
@@ -339,7 +331,6 @@ class ClipTags(Stage):
 
     def process(self, batch: pa.Table) -> StageResult:
         import torch
-        from PIL import Image
 
         cfg: ClipTagsConfig = self.config  # type: ignore[assignment]
         images = batch[rows.IMAGE].to_pylist()
@@ -348,19 +339,7 @@ class ClipTags(Stage):
                     else [None] * n)
         tags: list[list[str] | None] = [None] * n
         scores: list[list[float] | None] = [None] * n
-        drop: list[str | None] = [None] * n
-        ok: list[int] = []
-        tensors = []
-        for i, data in enumerate(images):
-            if data is None:
-                drop[i] = "image_missing"
-                continue
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    tensors.append(self.preprocess(im.convert("RGB")))
-                ok.append(i)
-            except Exception:  # noqa: BLE001 - any decoder failure is a per-row drop
-                drop[i] = "image_decode_error"
+        ok, tensors, drop = preprocess_images(images, self.preprocess)
         for start in range(0, len(ok), cfg.inference_batch):
             idx = ok[start:start + cfg.inference_batch]
             imgs = torch.stack(tensors[start:start + cfg.inference_batch]).to(self.device, self.dtype)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,9 @@ class TransformersBackend:
         if dtype == "auto":
             dtype = "bfloat16" if device == "cuda" else "float32"
         if device == "cpu":
-            torch.set_num_threads(_assigned_cpus())
+            from curate.models.clip import assigned_cpus
+
+            torch.set_num_threads(assigned_cpus())
         self.device = device
         try:
             self.processor = transformers.AutoProcessor.from_pretrained(options.model, local_files_only=True)
@@ -128,14 +129,3 @@ class TransformersBackend:
                 for i in idx:
                     answers[i] = Answer(error="generate_error")
         return [a if a is not None else Answer(error="generate_error") for a in answers]
-
-
-def _assigned_cpus() -> int:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return max(1, int(round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    except Exception:  # noqa: BLE001 - outside a Ray worker
-        pass
-    return os.cpu_count() or 1
