@@ -595,13 +595,14 @@ def _run_phase(recipe: Recipe, source: Source, phases: list[Phase], phase: Phase
     # one per CPU at most (each may start a worker process), and never more than the memory cap
     max_finalize = min(MAX_FINALIZE_IN_FLIGHT, max(1, int(ray.cluster_resources().get("CPU", 1))))
     in_flight: list = []
+    packing = packing_options(recipe)  # the same for every shard
 
     def finalize(shard: int, marker: dict) -> None:
         nonlocal in_flight
         in_flight.append(finalizer.remote(
             root=layout.root, shard=shard, parts=marker["parts"], formats=recipe.write.formats,
             caption_column=recipe.write.caption_column, seconds=marker["seconds"], started=started,
-            packing=packing_options(recipe)))
+            packing=packing))
         while len(in_flight) >= max_finalize:
             ready, in_flight = ray.wait(in_flight, num_returns=1)
             ray.get(ready)

@@ -55,7 +55,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -70,6 +69,7 @@ from curate.errors import CurateError
 from curate.models.clip import preprocess_images
 from curate.stages.base import Resources, Stage, StageConfig, StageResult, register
 from curate.stages.clip_score import INFERENCE_BATCH
+from curate.stages.recaption import alternate_pick  # both stages split a corpus alike
 
 log = logging.getLogger(__name__)
 
@@ -388,8 +388,3 @@ class ClipTags(Stage):
             return cfg.join_separator.join(t for t in (caption, recap) if t)
         return recap if (alternate_pick(key) and recap) or not caption else caption
 
-
-def alternate_pick(key: str) -> bool:
-    """True → the recaption, False → the alt-text: the rule of ``recaption``'s ``both: alternate``
-    (a stable hash of the key, not Python's salted ``hash``), so both stages split a corpus alike."""
-    return hashlib.sha1(key.encode("utf-8")).digest()[0] & 1 == 1
