@@ -618,6 +618,8 @@ if hasattr(runner, "_init_ray"):
         t = time.perf_counter()
         _init_ray(recipe)
         timings["ray_init_seconds"] = time.perf_counter() - t
+        with open(out, "w") as f:  # now: `curate` ends with os._exit, past any finally
+            json.dump(timings, f)
     runner._init_ray = _timed_init_ray
 from curate.cli import main
 out, sys.argv = sys.argv[1], ["curate", *sys.argv[2:]]

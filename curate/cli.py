@@ -190,11 +190,18 @@ def demo(
 
 
 def main() -> None:
+    code: int | str | None = 0
     try:
         app()
+    except SystemExit as e:
+        code = e.code
     except KeyboardInterrupt:
         typer.echo("interrupted; re-run the same command to resume", err=True)
-        sys.exit(130)
+        code = 130
+    runner = sys.modules.get("curate.runner")
+    if runner is not None and isinstance(code, int | None):
+        runner.fast_exit(code or 0)  # returns unless this process started its own Ray
+    sys.exit(code)
 
 
 if __name__ == "__main__":
