@@ -838,10 +838,14 @@ def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str
             # I/O-bound stages (download) overlap batches on one actor so a slow tail doesn't idle it,
             # and start with every actor the budget allows instead of waiting for the autoscaler.
             in_flight = getattr(cls, "batches_in_flight", 1)
-            extra: dict[str, Any] = {}
+            # Every actor the budget allows starts at once: the autoscaler would add the second only
+            # after the first has loaded its model and a queue has built up behind it.
+            # No queue per actor beyond the calls it runs: a block is a whole shard here, and the
+            # actor ready first would otherwise take four shards while the others still load the model.
+            extra: dict[str, Any] = {"initial_size": max(lo, min(hi, _free_actor_slots(cfg, res, fitted))),
+                                     "max_tasks_in_flight_per_actor": in_flight}
             if in_flight > 1:
-                extra = {"max_concurrent_calls_per_actor": in_flight, "enable_true_multi_threading": True,
-                         "initial_size": max(lo, min(hi, _free_actor_slots(cfg, res, fitted)))}
+                extra |= {"max_concurrent_calls_per_actor": in_flight, "enable_true_multi_threading": True}
             compute = ActorPoolStrategy(min_size=lo, max_size=hi, **extra)
             ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=batch_size,
                                 batch_format="pyarrow", compute=compute,
