@@ -409,6 +409,8 @@ def _init_ray(recipe: Recipe) -> None:
         kwargs["runtime_env"] = {"py_modules": [os.path.dirname(curate.__file__)]}
     else:
         kwargs["num_cpus"] = recipe.runtime.num_cpus
+    local = not recipe.runtime.ray_address and not os.environ.get("RAY_ADDRESS")  # else ray.init joins a cluster
+    if local:
         # Ray keeps only num_cpus idle worker processes and kills the rest after 1 s; our zero-CPU I/O
         # tasks (read, write parts, finalize: up to one of each per CPU) then boot fresh processes that
         # import curate again (about 1 s of CPU each, several times per run). Keep enough of them.
@@ -416,7 +418,7 @@ def _init_ray(recipe: Recipe) -> None:
         kwargs["_system_config"] = {"num_workers_soft_limit": int(math.ceil(cpus)) * 4}
     ray.init(**kwargs)
     global _started_local_ray
-    _started_local_ray = not recipe.runtime.ray_address and not os.environ.get("RAY_ADDRESS")
+    _started_local_ray = local
 
 
 #: True once this process has started its own local Ray (not joined a cluster): see :func:`fast_exit`.
@@ -835,13 +837,12 @@ def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str
         batch_size = res.batch_size or recipe.runtime.batch_size
         if cls.stateful:
             lo, hi = (res.concurrency, res.concurrency) if res.concurrency else _pool_size(res)
-            # I/O-bound stages (download) overlap batches on one actor so a slow tail doesn't idle it,
-            # and start with every actor the budget allows instead of waiting for the autoscaler.
+            # I/O-bound stages (download) overlap batches on one actor so a slow tail doesn't idle it.
             in_flight = getattr(cls, "batches_in_flight", 1)
-            # Every actor the budget allows starts at once: the autoscaler would add the second only
-            # after the first has loaded its model and a queue has built up behind it.
-            # No queue per actor beyond the calls it runs: a block is a whole shard here, and the
-            # actor ready first would otherwise take four shards while the others still load the model.
+            # Every actor the budget allows starts at once (the autoscaler would add the second only
+            # after the first has loaded its model and a queue has built up behind it), and no actor
+            # queues work beyond the calls it runs: a block is a whole shard here, and the actor ready
+            # first would otherwise take four shards while the others still load the model.
             extra: dict[str, Any] = {"initial_size": max(lo, min(hi, _free_actor_slots(cfg, res, fitted))),
                                      "max_tasks_in_flight_per_actor": in_flight}
             if in_flight > 1:
