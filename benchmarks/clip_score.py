@@ -23,10 +23,8 @@ Run::
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -35,17 +33,10 @@ from pathlib import Path
 
 
 def make_images(n: int, seed: int = 0) -> tuple[list[bytes], list[str]]:
-    from curate.demo.world import english_caption, random_scene, render_scene
+    from curate.demo.world import captioned_scenes
 
-    rng = random.Random(seed)
-    images, captions = [], []
-    for _ in range(n):
-        scene = random_scene(rng)
-        buf = io.BytesIO()
-        render_scene(scene, 256, 256, rng).save(buf, "JPEG", quality=90)
-        images.append(buf.getvalue())
-        captions.append(english_caption(scene, rng))
-    return images, captions
+    scenes = captioned_scenes(n, seed, 256, 256)
+    return [jpeg for jpeg, _, _ in scenes], [caption for _, caption, _ in scenes]
 
 
 #: The loop a user would write, run as a script of its own: timed from its first line, so it pays

@@ -610,24 +610,18 @@ def run_img2dataset(
 # Runs `curate run ...` in a fresh interpreter, timing Ray's start-up inside it.
 CURATE_DRIVER = """\
 import json, sys, time
-timings = {}
 import curate.runner as runner
 if hasattr(runner, "_init_ray"):
     _init_ray = runner._init_ray
     def _timed_init_ray(recipe):
         t = time.perf_counter()
         _init_ray(recipe)
-        timings["ray_init_seconds"] = time.perf_counter() - t
-        with open(out, "w") as f:  # now: `curate` ends with os._exit, past any finally
-            json.dump(timings, f)
+        with open(out, "w") as f:  # written here: `curate run` ends with os._exit
+            json.dump({"ray_init_seconds": time.perf_counter() - t}, f)
     runner._init_ray = _timed_init_ray
 from curate.cli import main
 out, sys.argv = sys.argv[1], ["curate", *sys.argv[2:]]
-try:
-    main()
-finally:
-    with open(out, "w") as f:
-        json.dump(timings, f)
+main()
 """
 
 

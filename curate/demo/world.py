@@ -418,6 +418,18 @@ def encode(img: Image.Image, fmt: str, *, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def captioned_scenes(n: int, seed: int, width: int = 320, height: int = 256) -> list[tuple[bytes, str, Scene]]:
+    """``n`` clean matched pairs: (JPEG of a random scene, its English caption, the scene) — the
+    images the CLIP stages' tests and benchmark score, deterministic in ``seed``."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        jpeg = encode(render_scene(scene, width, height, rng), "jpeg")
+        out.append((jpeg, english_caption(scene, rng), scene))
+    return out
+
+
 def _normal_size(rng: random.Random) -> tuple[int, int]:
     short = rng.randrange(256, 385, 8)
     long_ = int(short * rng.uniform(1.0, 1.6)) // 8 * 8

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
@@ -21,16 +20,9 @@ AUC_FLOOR = 0.9  # the shipped demo CLIP measures well above this (see README)
 
 
 def _scene_pairs(n: int, seed: int):
-    from curate.demo.world import english_caption, random_scene, render_scene
+    from curate.demo.world import captioned_scenes
 
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        scene = random_scene(rng)
-        buf = io.BytesIO()
-        render_scene(scene, 320, 256, rng).save(buf, "JPEG", quality=90)
-        out.append((buf.getvalue(), english_caption(scene, rng)))
-    return out
+    return [(jpeg, caption) for jpeg, caption, _ in captioned_scenes(n, seed)]
 
 
 def _table(images, captions):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import random
 import tarfile
 
 import pyarrow as pa
@@ -34,16 +32,9 @@ DEMO_OPTIONS = {"model": "curate-demo-clip", "vocabulary": "demo", "templates": 
 
 def _scenes(n: int, seed: int):
     """(jpeg bytes, caption, truth tags) for ``n`` rendered demo scenes."""
-    from curate.demo.world import english_caption, random_scene, render_scene
+    from curate.demo.world import captioned_scenes
 
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        scene = random_scene(rng)
-        buf = io.BytesIO()
-        render_scene(scene, 320, 256, rng).save(buf, "JPEG", quality=90)
-        out.append((buf.getvalue(), english_caption(scene, rng), scene.tags()))
-    return out
+    return [(jpeg, caption, scene.tags()) for jpeg, caption, scene in captioned_scenes(n, seed)]
 
 
 def _batch(scenes) -> pa.Table:
