@@ -183,15 +183,26 @@ def _apply_stage(batch: pa.Table, cfg: StageConfig) -> pa.Table:
     return _stage_for(cfg)(batch)
 
 
-class _StageActor:
-    """Actor-pool wrapper for model stages: ``setup()`` runs once per actor."""
+def _apply_last_stage(batch: pa.Table, cfg: StageConfig, parts_dir: str) -> pa.Table:
+    return _write_parts(_stage_for(cfg)(batch), parts_dir=parts_dir)
 
-    def __init__(self, cfg: StageConfig) -> None:
+
+class _StageActor:
+    """Actor-pool wrapper for model stages: ``setup()`` runs once per actor.
+
+    With ``parts_dir`` (the phase's last stage) the actor also stores its output as part files and
+    returns only what :func:`_write_parts` reports: the rows' image bytes go from the stage to disk
+    without another copy through Ray's object store to a writer process.
+    """
+
+    def __init__(self, cfg: StageConfig, parts_dir: str | None = None) -> None:
         self.stage = REGISTRY[cfg.use](cfg)
         self.stage.setup()
+        self.parts_dir = parts_dir
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.stage(batch)
+        out = self.stage(batch)
+        return out if self.parts_dir is None else _write_parts(out, parts_dir=self.parts_dir)
 
 
 def _read_shards(items: pa.Table, *, source: Source | None, decisions_dir: str | None,
@@ -832,9 +843,12 @@ def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str
                    "errors_dir": layout.work(SOURCE_ERRORS), "on_source_error": recipe.runtime.on_source_error},
     )
     fitted = fit_resources(phase.stages, ray.cluster_resources())
-    for cfg, res in fitted:
+    parts_dir = layout.work(f"p{phase.index}", "parts")
+    for i, (cfg, res) in enumerate(fitted):
         cls = REGISTRY[cfg.use]
         batch_size = res.batch_size or recipe.runtime.batch_size
+        # The last stage writes the part files itself (no writer op after it, no extra object-store copy).
+        last = parts_dir if i == len(fitted) - 1 else None
         if cls.stateful:
             lo, hi = (res.concurrency, res.concurrency) if res.concurrency else _pool_size(res)
             # I/O-bound stages (download) overlap batches on one actor so a slow tail doesn't idle it.
@@ -848,16 +862,19 @@ def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str
             if in_flight > 1:
                 extra |= {"max_concurrent_calls_per_actor": in_flight, "enable_true_multi_threading": True}
             compute = ActorPoolStrategy(min_size=lo, max_size=hi, **extra)
-            ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=batch_size,
-                                batch_format="pyarrow", compute=compute,
+            ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"cfg": cfg, "parts_dir": last},
+                                batch_size=batch_size, batch_format="pyarrow", compute=compute,
                                 num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
         else:
             kwargs: dict[str, Any] = {}
             if res.concurrency:
                 kwargs["compute"] = TaskPoolStrategy(size=res.concurrency)
-            ds = ds.map_batches(_apply_stage, fn_kwargs={"cfg": cfg}, batch_size=batch_size,
+            fn, fn_kwargs = ((_apply_stage, {"cfg": cfg}) if last is None
+                             else (_apply_last_stage, {"cfg": cfg, "parts_dir": last}))
+            ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=batch_size,
                                 batch_format="pyarrow", num_cpus=res.num_cpus, **kwargs)
-    parts_dir = layout.work(f"p{phase.index}", "parts")
+    if fitted:
+        return ds
     return ds.map_batches(_write_parts, fn_kwargs={"parts_dir": parts_dir}, batch_size=None,
                           batch_format="pyarrow", num_cpus=0, compute=io_tasks)
 
