@@ -13,6 +13,7 @@ Run it from the repository root with curate's own virtual environment::
     .venv/bin/python benchmarks/download.py -n 500 --cpus 2     # a quick check
     .venv/bin/python benchmarks/download.py --cpus 12 --pin --json bench.json
     .venv/bin/python benchmarks/download.py --only curate --keep
+    .venv/bin/python benchmarks/download.py -n 20000 --also-n 5000 --cpus 2   # + per-image rates
 
 img2dataset 1.47.0 pins ``webdataset<0.3`` and ``pandas<3``, which conflict
 with curate's dependencies, so it runs from its own virtual environment,
@@ -721,7 +722,7 @@ def run_curate(
 # ------------------------------------------------------------------ report
 
 
-def print_table(results: list[Result]) -> float | None:
+def print_table(results: list[Result], *, headline: bool = True) -> float | None:
     """Print the comparison; return curate/img2dataset samples/s (None unless both ran)."""
     head = (
         "tool",
@@ -772,7 +773,7 @@ def print_table(results: list[Result]) -> float | None:
         if r.extra.get("image_size_seen") not in (None, (256, 256), [256, 256]):
             print(f"WARNING: {r.label} wrote {r.extra['image_size_seen']} images, expected 256x256")
     cur, base = best(results, "curate"), best(results, "img2dataset")
-    if cur is None or base is None or not base.samples_per_s:
+    if not headline or cur is None or base is None or not base.samples_per_s:
         return None
     ratio = cur.samples_per_s / base.samples_per_s
     line = f"curate / {base.label}: {ratio:.2f}x samples/s (wall clock; goal >= 1.5x)"
@@ -781,6 +782,37 @@ def print_table(results: list[Result]) -> float | None:
         line += f"; {a / b:.2f}x excluding start-up"
     print(line)
     return ratio
+
+
+def print_marginal(results: list[Result], smaller: list[Result]) -> dict[str, Any] | None:
+    """Print each run's rate over the images the N run has beyond the M run; return the figures.
+
+    Both tools pay a start-up once (interpreters, Ray, actors, a report) and then a cost per
+    image; the difference of two runs of the same settings cancels the first.
+    """
+    if not smaller:
+        return None
+    pairs = {}
+    print("rate over the extra images (N run minus M run: start-up cancels out):")
+    for big in results:
+        small = next((r for r in smaller if r.label.startswith(big.label + " n=")), None)
+        if small is None or big.seconds <= small.seconds:
+            continue
+        rate = (big.successes - small.successes) / (big.seconds - small.seconds)
+        fixed = small.seconds - small.successes / rate
+        pairs[big.label] = {"tool": big.tool, "rate": rate, "start_up_seconds": fixed}
+        print(
+            f"  {big.label}: {big.samples - small.samples} more images in "
+            f"{big.seconds - small.seconds:.1f} s more: {rate:.0f} samples/s; "
+            f"start-up about {fixed:.1f} s"
+        )
+    cur = [v["rate"] for v in pairs.values() if v["tool"] == "curate"]
+    base = [v["rate"] for v in pairs.values() if v["tool"] == "img2dataset"]
+    out: dict[str, Any] = {"runs": pairs}
+    if cur and base:
+        out["ratio"] = max(cur) / max(base)
+        print(f"curate / fastest img2dataset per image: {out['ratio']:.2f}x")
+    return out
 
 
 def best(results: list[Result], tool: str) -> Result | None:
@@ -852,6 +884,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="extra `curate run --set` (repeatable), e.g. stages.0.resources.batch_size=512",
     )
+    p.add_argument(
+        "--also-n",
+        type=int,
+        default=None,
+        metavar="M",
+        help="also run every tool on the first M images (same shard size) and print each "
+        "tool's rate over the other N-M: the per-image rate, without the start-up both pay once",
+    )
     p.add_argument("--only", choices=("curate", "img2dataset"), help="run one tool")
     p.add_argument(
         "--server",
@@ -888,6 +928,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.samples < 1 or args.cpus < 1 or min(args.i2d_threads) < 1:
         p.error("--samples, --cpus and --i2d-threads must be >= 1")
+    if args.also_n is not None and not 0 < args.also_n < args.samples:
+        p.error(f"--also-n must be between 1 and --samples - 1 ({args.samples - 1})")
     return args
 
 
@@ -923,29 +965,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     server = start_server(args.server, images, workdir, args.server_workers, server_cores)
     results: list[Result] = []
+    smaller: list[Result] = []  # the --also-n runs
     failures: dict[str, str] = {}
     try:
-        urls = workdir / "urls.parquet"
-        write_url_list(urls, n, server.port)
-        common: dict[str, Any] = dict(
-            n=n, cpus=cpus, shard=shard, logs=logs, cores=tool_cores, limit=args.tool_timeout
-        )
+        sizes = [n] + ([args.also_n] if args.also_n else [])
         runs: dict[str, Callable[[], Result]] = {}
-        if args.only in (None, "img2dataset"):
-            for t in args.i2d_threads:
-                out = workdir / f"img2dataset-t{t}"
-                runs[f"img2dataset t={t}"] = partial(
-                    run_img2dataset, urls, out, threads=t, **common
-                )
-        if args.only in (None, "curate"):
-            out = workdir / "curate"
-            runs["curate"] = partial(
-                run_curate, args.recipe, urls, out, extra_sets=args.curate_set, **common
+        for size in sizes:
+            urls = workdir / f"urls-{size}.parquet"
+            write_url_list(urls, size, server.port)
+            common: dict[str, Any] = dict(
+                n=size, cpus=cpus, shard=shard, logs=logs, cores=tool_cores, limit=args.tool_timeout
             )
+            tag = "" if size == n else f" n={size}"
+            if args.only in (None, "img2dataset"):
+                for t in args.i2d_threads:
+                    out = workdir / f"img2dataset-t{t}{tag.replace(' ', '-')}"
+                    runs[f"img2dataset t={t}{tag}"] = partial(
+                        run_img2dataset, urls, out, threads=t, **common
+                    )
+            if args.only in (None, "curate"):
+                out = workdir / f"curate{tag.replace(' ', '-')}"
+                runs[f"curate{tag}"] = partial(
+                    run_curate, args.recipe, urls, out, extra_sets=args.curate_set, **common
+                )
         # One after the other, img2dataset first, so no Ray process lingers during its run.
         for label, run in runs.items():
             try:
-                results.append(with_server_cpu(server, run))
+                result = with_server_cpu(server, run)
+                result.label = label
+                (results if result.samples == n else smaller).append(result)
             except ToolFailed as e:
                 print(f"ERROR: {label}: {e}", file=sys.stderr)
                 failures[label] = str(e)
@@ -958,6 +1006,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"server: {server.kind} ({args.server_workers} workers)" + (", pinned" if args.pin else "")
     )
     ratio = print_table(results)
+    if smaller:
+        print(f"the same on the first {args.also_n} images:")
+        print_table(smaller, headline=False)
+    marginal = print_marginal(results, smaller) if smaller else None
     if keep:
         print(f"outputs and logs kept in {workdir}")
     if args.json:
@@ -977,6 +1029,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "ratio": ratio,
                     "ratio_against": getattr(best(results, "img2dataset"), "label", None),
                     "results": [asdict(r) for r in results],
+                    "also_n": args.also_n,
+                    "results_also_n": [asdict(r) for r in smaller],
+                    "marginal": marginal,
                     "failures": failures,
                 },
                 indent=1,
@@ -984,7 +1039,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             + "\n"
         )
     ok = not failures and all(
-        r.successes == r.samples and r.images_in_tars == r.samples for r in results
+        r.successes == r.samples and r.images_in_tars == r.samples for r in results + smaller
     )
     return 0 if ok else 1
 
