@@ -574,7 +574,7 @@ def run_img2dataset(
     seconds = run_timed(
         cmd,
         name="img2dataset",
-        log_path=logs / f"img2dataset-t{threads}.log",
+        log_path=logs / f"img2dataset-t{threads}-n{n}.log",
         env=tool_env(),
         cores=cores,
         limit=limit,
@@ -680,13 +680,14 @@ def run_curate(
     if not recipe.exists():
         raise SystemExit(f"{recipe} does not exist (yet)")
     shutil.rmtree(out, ignore_errors=True)
-    timings_path = logs / "curate-timings.json"
+    timings_path = logs / f"curate-timings-n{n}.json"
+    timings_path.unlink(missing_ok=True)
     cli = ["run", str(recipe), "-i", str(urls), "-o", str(out), "--no-progress"]
     for s in curate_overrides(recipe, cpus=cpus, shard=shard, extra=extra_sets):
         cli += ["--set", s]
     cmd = [sys.executable, "-c", CURATE_DRIVER, str(timings_path), *cli]
     seconds = run_timed(
-        cmd, name="curate", log_path=logs / "curate.log", env=tool_env(), cores=cores, limit=limit
+        cmd, name="curate", log_path=logs / f"curate-n{n}.log", env=tool_env(), cores=cores, limit=limit
     )
     manifest = json.loads((out / "manifest.json").read_text())
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
@@ -796,7 +797,8 @@ def print_marginal(results: list[Result], smaller: list[Result]) -> dict[str, An
     print("rate over the extra images (N run minus M run: start-up cancels out):")
     for big in results:
         small = next((r for r in smaller if r.label.startswith(big.label + " n=")), None)
-        if small is None or big.seconds <= small.seconds:
+        if small is None or big.seconds <= small.seconds or big.successes <= small.successes:
+            print(f"  {big.label}: no rate (the N run is not both longer and larger than the M run)")
             continue
         rate = (big.successes - small.successes) / (big.seconds - small.seconds)
         fixed = small.seconds - small.successes / rate
@@ -969,24 +971,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures: dict[str, str] = {}
     try:
         sizes = [n] + ([args.also_n] if args.also_n else [])
-        runs: dict[str, Callable[[], Result]] = {}
+        urls = {}
         for size in sizes:
-            urls = workdir / f"urls-{size}.parquet"
-            write_url_list(urls, size, server.port)
-            common: dict[str, Any] = dict(
-                n=size, cpus=cpus, shard=shard, logs=logs, cores=tool_cores, limit=args.tool_timeout
-            )
-            tag = "" if size == n else f" n={size}"
-            if args.only in (None, "img2dataset"):
+            urls[size] = workdir / f"urls-{size}.parquet"
+            write_url_list(urls[size], size, server.port)
+
+        def common(size: int) -> dict[str, Any]:
+            return dict(n=size, cpus=cpus, shard=shard, logs=logs, cores=tool_cores, limit=args.tool_timeout)
+
+        def tag(size: int) -> str:
+            return "" if size == n else f" n={size}"
+
+        runs: dict[str, Callable[[], Result]] = {}
+        if args.only in (None, "img2dataset"):
+            for size in sizes:
                 for t in args.i2d_threads:
-                    out = workdir / f"img2dataset-t{t}{tag.replace(' ', '-')}"
-                    runs[f"img2dataset t={t}{tag}"] = partial(
-                        run_img2dataset, urls, out, threads=t, **common
+                    out = workdir / f"img2dataset-t{t}-n{size}"
+                    runs[f"img2dataset t={t}{tag(size)}"] = partial(
+                        run_img2dataset, urls[size], out, threads=t, **common(size)
                     )
-            if args.only in (None, "curate"):
-                out = workdir / f"curate{tag.replace(' ', '-')}"
-                runs[f"curate{tag}"] = partial(
-                    run_curate, args.recipe, urls, out, extra_sets=args.curate_set, **common
+        if args.only in (None, "curate"):
+            for size in sizes:
+                runs[f"curate{tag(size)}"] = partial(
+                    run_curate, args.recipe, urls[size], workdir / f"curate-n{size}",
+                    extra_sets=args.curate_set, **common(size)
                 )
         # One after the other, img2dataset first, so no Ray process lingers during its run.
         for label, run in runs.items():

@@ -266,3 +266,18 @@ def test_part_files_are_read_in_order_with_only_the_wanted_columns(tmp_path):
                                                                  for s in "ab"]
     assert read_part_files(paths[:1])[0].column_names == ["key", "image", "n"]
     assert read_part_files([]) == []
+
+
+def test_only_io_bound_actor_stages_write_their_own_parts():
+    from curate.runner import _writes_own_parts
+    from curate.stages import REGISTRY
+    from curate.stages.base import Resources
+
+    def cfg(use: str):
+        return REGISTRY[use].Config(use=use)
+
+    cpu, gpu = Resources(num_cpus=1), Resources(num_cpus=1, num_gpus=1)
+    assert _writes_own_parts(cfg("download"), cpu)  # four calls at once: a write overlaps the others
+    assert not _writes_own_parts(cfg("clip_score"), cpu)  # one call at a time: it would wait on writes
+    assert not _writes_own_parts(cfg("clip_score"), gpu)
+    assert not _writes_own_parts(cfg("caption_length"), cpu)  # tasks: the zero-CPU writer op follows
