@@ -1,8 +1,8 @@
 """A streaming tar writer for shards: the bytes ``tarfile`` writes, at a fraction of its CPU.
 
-``tarfile.TarFile.addfile`` costs about 65 µs a member (a ``TarInfo`` copy, a header built field by
-field, a PAX check): 0.2 ms a sample for an image, a caption and its JSON, as much as fetching the
-image. Shard members here are all regular files with the same mode, owner and time, so the
+``tarfile.TarFile.addfile`` costs about 30 µs a member (a ``TarInfo`` copy, a header built field by
+field, a PAX check; this writer 4.6 µs): 0.1 ms a sample for an image, a caption and its JSON, about
+what fetching the image costs. Shard members here are all regular files with the same mode, owner and time, so the
 512-byte ustar header is a template in which only the name, size and checksum change. Names that
 ustar cannot hold (over 100 bytes, or not ASCII) get ``tarfile``'s own PAX header, so the archive
 is byte for byte what ``tarfile.open(mode="w|", format=PAX_FORMAT)`` writes for the same members.
