@@ -785,14 +785,12 @@ def print_table(results: list[Result], *, headline: bool = True) -> float | None
     return ratio
 
 
-def print_marginal(results: list[Result], smaller: list[Result]) -> dict[str, Any] | None:
+def print_marginal(results: list[Result], smaller: list[Result]) -> dict[str, Any]:
     """Print each run's rate over the images the N run has beyond the M run; return the figures.
 
     Both tools pay a start-up once (interpreters, Ray, actors, a report) and then a cost per
     image; the difference of two runs of the same settings cancels the first.
     """
-    if not smaller:
-        return None
     pairs = {}
     print("rate over the extra images (N run minus M run: start-up cancels out):")
     for big in results:
@@ -1014,10 +1012,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"server: {server.kind} ({args.server_workers} workers)" + (", pinned" if args.pin else "")
     )
     ratio = print_table(results)
+    marginal = None
     if smaller:
         print(f"the same on the first {args.also_n} images:")
         print_table(smaller, headline=False)
-    marginal = print_marginal(results, smaller) if smaller else None
+        marginal = print_marginal(results, smaller)
     if keep:
         print(f"outputs and logs kept in {workdir}")
     if args.json:

@@ -347,8 +347,9 @@ def _with_protocol(like: str, path: str) -> str:
     return path
 
 
-#: Part files read at once. A shard has one part per batch of its phase's last stage (about 20 for
-#: 10,000 rows at 512 a batch); on object storage each read is a round trip or three, so they overlap.
+#: Part files read at once. A shard has a part per block, or per batch where the last stage writes
+#: its own parts (download: about 20 for 10,000 rows); on object storage each read is a round trip
+#: or three, so they overlap.
 PART_READ_THREADS = 16
 
 
