@@ -27,6 +27,11 @@ class InputError(CurateError):
     """The source data is missing or has the wrong shape."""
 
 
+class EnvironmentProblem(CurateError):
+    """Something this machine or cluster lacks: a model checkpoint, a package, a stage plugin
+    that fails to load, a GPU driver. The message says what is missing and how to get it."""
+
+
 class OutputError(CurateError):
     """The output location cannot be used as asked (e.g. it holds another recipe's run)."""
 

@@ -20,7 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from curate.errors import RecipeError
-from curate.stages import REGISTRY, StageConfig
+from curate.stages.base import StageConfig
+from curate.stages.registry import stage_class, stage_classes
 
 SOURCE_FORMATS = ("auto", "parquet", "csv", "tsv", "json", "jsonl", "txt", "webdataset")
 
@@ -309,22 +310,23 @@ def _validate_stage(entry: Any, loc: tuple, fail) -> StageConfig:
     if not isinstance(entry, dict) or "use" not in entry:
         raise fail(loc, "each stage is a mapping with `use: NAME` (or `preset: NAME`)")
     use = entry["use"]
-    if use not in REGISTRY:
-        raise fail(loc + ("use",), f"unknown stage {use!r}; known stages: {', '.join(sorted(REGISTRY))}")
+    known = stage_classes()
+    if use not in known:
+        raise fail(loc + ("use",), f"unknown stage {use!r}; known stages: {', '.join(sorted(known))}")
     try:
-        return REGISTRY[use].Config.model_validate(entry)
+        return known[use].Config.model_validate(entry)
     except ValidationError as e:
         err = e.errors()[0]
         raise fail(loc + tuple(err["loc"]), _msg(err)) from None
 
 
 def _expand(configs: list[StageConfig]) -> list[StageConfig]:
-    return [c for cfg in configs for c in REGISTRY[cfg.use].expand(cfg)]
+    return [c for cfg in configs for c in stage_class(cfg.use).expand(cfg)]
 
 
 def recipe_json_schema() -> dict[str, Any]:
     """JSON Schema of a recipe, with every registered stage's options."""
-    configs = tuple(cls.Config for cls in sorted(REGISTRY.values(), key=lambda c: c.name))
+    configs = tuple(cls.Config for cls in sorted(stage_classes().values(), key=lambda c: c.name))
     StageUnion = Annotated[Union[configs], Field(discriminator="use")]  # noqa: UP007
 
     class PresetEntry(BaseModel):

@@ -45,7 +45,7 @@ from curate.sinks.packed import packing_options, summarize_packing, write_packed
 from curate.sinks.parquet import write_ledger, write_parquet_shard
 from curate.sinks.webdataset import write_webdataset
 from curate.sources.base import Source, make_source
-from curate.stages import REGISTRY, GlobalStage, Stage, StageConfig
+from curate.stages import GlobalStage, Stage, StageConfig, StageContext, stage_class
 from curate.stages.download import FAILED_TO_RESIZE
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def make_phases(stages: list[StageConfig]) -> list[Phase]:
     """Split the stage list at global stages: [map…] [global…] [map…] …"""
     phases = [Phase(0, [])]
     for cfg in stages:
-        cls = REGISTRY[cfg.use]
+        cls = stage_class(cfg.use)
         if cls.kind == "global":
             phases[-1].globals_after.append(cfg)
         else:
@@ -173,8 +173,8 @@ def _stage_for(cfg: StageConfig) -> Stage:
     ident = f"{cfg.use}:{cfg.model_dump_json()}"
     stage = _STAGE_CACHE.get(ident)
     if stage is None:
-        stage = REGISTRY[cfg.use](cfg)
-        stage.setup()
+        stage = stage_class(cfg.use)(cfg)
+        stage.setup(StageContext())
         _STAGE_CACHE[ident] = stage
     return stage
 
@@ -192,8 +192,8 @@ def _writes_own_parts(cfg: StageConfig, res) -> bool:
     call at a time, so its GPU or CPU would wait for each write (on object storage, a round trip
     per part): those keep the zero-CPU writer op after them, as stateless stages do.
     """
-    cls = REGISTRY[cfg.use]
-    return bool(cls.stateful and getattr(cls, "batches_in_flight", 1) > 1 and not res.num_gpus)
+    cls = stage_class(cfg.use)
+    return bool(cls.stateful and cls.batches_in_flight > 1 and not res.num_gpus)
 
 
 class _StageActor:
@@ -204,9 +204,10 @@ class _StageActor:
     stage to disk without another copy through Ray's object store to a writer process.
     """
 
-    def __init__(self, cfg: StageConfig, parts_dir: str | None = None) -> None:
-        self.stage = REGISTRY[cfg.use](cfg)
-        self.stage.setup()
+    def __init__(self, cfg: StageConfig, parts_dir: str | None = None, work_dir: str | None = None) -> None:
+        self.stage = stage_class(cfg.use)(cfg)
+        self.stage.setup(StageContext(work_dir=work_dir, num_cpus=cfg.resources.num_cpus,
+                                      num_gpus=cfg.resources.num_gpus))
         self.parts_dir = parts_dir
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -596,15 +597,12 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
     source = make_source(recipe.source)
     source.validate()
     for cfg in recipe.stages:  # fail before any work when a stage cannot run here (e.g. no checkpoint)
-        REGISTRY[cfg.use](cfg).check()
+        stage_class(cfg.use)(cfg).check()
     check_global_columns(recipe, source)
     packing_options(recipe)  # `packed` output without a `pack` stage fails here, before any work
     phases = make_phases(recipe.stages)
     layout = Layout(recipe.write.output)
     prepare_output(recipe, layout, overwrite)
-    for cfg in recipe.stages:  # stages with resume state of their own (VLM replies) learn where to keep it
-        if hasattr(cfg, "set_work_dir"):
-            cfg.set_work_dir(layout.work("vlm", stage_name(cfg)))
 
     plan_path = layout.work("plan.json")
     if layout.exists(plan_path):
@@ -659,7 +657,7 @@ def check_global_columns(recipe: Recipe, source: Source) -> None:
     used = {recipe.source.url_col, recipe.source.caption_col, recipe.source.key_col}
     known |= {f"source_{c}" if c in rows.RESERVED else c for c in source._header(source.files[0]) if c not in used}
     for cfg in recipe.stages:
-        stage = REGISTRY[cfg.use](cfg)
+        stage = stage_class(cfg.use)(cfg)
         if isinstance(stage, GlobalStage):
             missing = [c for c in stage.input_columns() if c not in known]
             if missing:
@@ -817,9 +815,9 @@ def fit_resources(stages: list[StageConfig], cluster: dict[str, float]) -> list[
                         stage_name(cfg), res.num_gpus)
             res = res.model_copy(update={"num_gpus": 0.0})
         out.append((cfg, res))
-    actors = [(i, res) for i, (cfg, res) in enumerate(out) if REGISTRY[cfg.use].stateful and not res.num_gpus]
+    actors = [(i, res) for i, (cfg, res) in enumerate(out) if stage_class(cfg.use).stateful and not res.num_gpus]
     held = sum(res.num_cpus * (res.concurrency or 1) for _, res in actors)
-    task_need = max([res.num_cpus for cfg, res in out if not REGISTRY[cfg.use].stateful] + [0.0])
+    task_need = max([res.num_cpus for cfg, res in out if not stage_class(cfg.use).stateful] + [0.0])
     task_need = min(task_need, cpus / 2)
     if actors and held + task_need > cpus:
         factor = (cpus - task_need) / held
@@ -827,7 +825,7 @@ def fit_resources(stages: list[StageConfig], cluster: dict[str, float]) -> list[
             out[i] = (out[i][0], res.model_copy(update={"num_cpus": round(res.num_cpus * factor, 3)}))
         log.info("scaled actor CPU shares by %.2f to fit %s CPUs", factor, cpus)
     for i, (cfg, res) in enumerate(out):
-        if not REGISTRY[cfg.use].stateful and res.num_cpus > task_need and task_need > 0:
+        if not stage_class(cfg.use).stateful and res.num_cpus > task_need and task_need > 0:
             out[i] = (cfg, res.model_copy(update={"num_cpus": task_need}))
     return out
 
@@ -838,8 +836,8 @@ def _free_actor_slots(cfg: StageConfig, res, fitted: list) -> int:
 
     cpus = ray.cluster_resources().get("CPU", 1.0)
     others = sum(r.num_cpus * (r.concurrency or 1) for c, r in fitted
-                 if c is not cfg and REGISTRY[c.use].stateful and not r.num_gpus)
-    tasks = max([r.num_cpus for c, r in fitted if not REGISTRY[c.use].stateful] + [0.0])
+                 if c is not cfg and stage_class(c.use).stateful and not r.num_gpus)
+    tasks = max([r.num_cpus for c, r in fitted if not stage_class(c.use).stateful] + [0.0])
     return max(1, int((cpus - others - tasks) // max(res.num_cpus, 0.01)))
 
 
@@ -875,13 +873,13 @@ def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str
     parts_dir = layout.work(f"p{phase.index}", "parts")
     writes_own_parts = bool(fitted) and _writes_own_parts(*fitted[-1])
     for i, (cfg, res) in enumerate(fitted):
-        cls = REGISTRY[cfg.use]
+        cls = stage_class(cfg.use)
         batch_size = res.batch_size or recipe.runtime.batch_size
         last = parts_dir if writes_own_parts and i == len(fitted) - 1 else None
         if cls.stateful:
             lo, hi = (res.concurrency, res.concurrency) if res.concurrency else _pool_size(res)
             # I/O-bound stages (download) overlap batches on one actor so a slow tail doesn't idle it.
-            in_flight = getattr(cls, "batches_in_flight", 1)
+            in_flight = cls.batches_in_flight
             # Every actor the budget allows starts at once (the autoscaler would add the second only
             # after the first has loaded its model and a queue has built up behind it), and no actor
             # queues work beyond the calls it runs: a block is a whole shard here, and the actor ready
@@ -891,7 +889,8 @@ def _build_dataset(recipe: Recipe, source: Source, phase: Phase, items: list[str
             if in_flight > 1:
                 extra |= {"max_concurrent_calls_per_actor": in_flight, "enable_true_multi_threading": True}
             compute = ActorPoolStrategy(min_size=lo, max_size=hi, **extra)
-            ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"cfg": cfg, "parts_dir": last},
+            ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"cfg": cfg, "parts_dir": last,
+                                                       "work_dir": layout.work("vlm", stage_name(cfg))},
                                 batch_size=batch_size, batch_format="pyarrow", compute=compute,
                                 num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
         else:
@@ -913,7 +912,7 @@ def _run_globals(phase: Phase, specs: list[dict], layout: Layout) -> dict[str, d
     info_path = f"{gdir}/_info.json"
     if layout.exists(info_path):
         return layout.read_json(info_path)
-    stages: list[GlobalStage] = [REGISTRY[g.use](g) for g in phase.globals_after]  # type: ignore[misc]
+    stages: list[GlobalStage] = [stage_class(g.use)(g) for g in phase.globals_after]  # type: ignore[misc]
     wanted = {rows.KEY, rows.STATUS, rows.DROPPED_BY, rows.REASON}
     for st in stages:
         wanted.update(st.input_columns())
@@ -990,7 +989,7 @@ def write_manifest(recipe: Recipe, layout: Layout, specs: list[dict], global_inf
             seconds[k] = seconds.get(k, 0.0) + v
     counters: list[StageCounters] = []
     alive = total
-    order = [("source", "source", "source")] + [(stage_name(c), c.use, REGISTRY[c.use].kind) for c in recipe.stages]
+    order = [("source", "source", "source")] + [(stage_name(c), c.use, stage_class(c.use).kind) for c in recipe.stages]
     for name, use, kind in order:
         d = dropped.get(name, {})
         n_drop = sum(d.values())

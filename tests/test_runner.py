@@ -270,11 +270,11 @@ def test_part_files_are_read_in_order_with_only_the_wanted_columns(tmp_path):
 
 def test_only_io_bound_actor_stages_write_their_own_parts():
     from curate.runner import _writes_own_parts
-    from curate.stages import REGISTRY
+    from curate.stages import stage_class
     from curate.stages.base import Resources
 
     def cfg(use: str):
-        return REGISTRY[use].Config(use=use)
+        return stage_class(use).Config(use=use)
 
     cpu, gpu = Resources(num_cpus=1), Resources(num_cpus=1, num_gpus=1)
     assert _writes_own_parts(cfg("download"), cpu)  # four calls at once: a write overlaps the others

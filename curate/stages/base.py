@@ -1,26 +1,43 @@
 """The stage contract.
 
-A stage is a small class: a registry ``name``, a pydantic ``Config`` for its
-options, declared resources, an optional ``setup()`` that loads a model once per
-worker, and ``process(batch)`` that looks at the *live* rows of a batch and
-returns new columns plus, per row, either ``None`` (keep) or a drop reason.
-The base class merges the result back into the full batch, so a stage never
-sees, nor can lose, rows that an earlier stage dropped.
+A stage is one file holding a small class: a registry ``name``, a pydantic
+``Config`` for its options (the base is generic over it, ``Stage[C]``, so
+``self.config`` is typed), declared resources, an optional ``setup(ctx)`` that
+loads a model once per worker, ``process(batch)`` that looks at the *live* rows
+of a batch and returns new columns plus, per row, either ``None`` (keep) or a
+drop reason, and an optional ``teardown()`` that the engine calls when the
+worker is done. The base class merges the result back into the full batch, so
+a stage never sees, nor can lose, rows that an earlier stage dropped.
+
+``@register`` (:mod:`curate.stages.registry`) makes a class available as
+``use: <name>``; the registry finds every module of this package, and of any
+installed package that declares a ``curate.stages`` entry point, by itself.
 
 Global stages (``kind = "global"``) see the whole dataset at once — but only
 keys, hashes, scores and embeddings — and return a small decisions table. The
 runner runs them between two per-sample phases.
 
-Example (a complete filter)::
+Example (a complete filter, the whole of ``curate/stages/min_caption_chars.py``)::
 
-    class MinCaptionChars(Stage):
+    from typing import Literal
+
+    import pyarrow as pa
+
+    from curate.stages.base import Stage, StageConfig, StageResult
+    from curate.stages.registry import register
+
+
+    class MinCaptionCharsConfig(StageConfig):
+        use: Literal["min_caption_chars"] = "min_caption_chars"
+        min_chars: int = 5
+
+
+    @register
+    class MinCaptionChars(Stage[MinCaptionCharsConfig]):
         name = "min_caption_chars"
+        Config = MinCaptionCharsConfig
 
-        class Config(StageConfig):
-            use: Literal["min_caption_chars"] = "min_caption_chars"
-            min_chars: int = 5
-
-        def process(self, batch):
+        def process(self, batch: pa.Table) -> StageResult:
             chars = [len(c or "") for c in batch.column("caption").to_pylist()]
             return StageResult(
                 columns={"caption_chars": pa.array(chars, pa.int32())},
@@ -32,7 +49,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -60,6 +77,22 @@ class StageConfig(BaseModel):
     resources: Resources = Field(default_factory=Resources)
 
 
+C = TypeVar("C", bound=StageConfig)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a worker tells a stage at ``setup``: where it may keep state of its own, what it holds.
+
+    ``work_dir`` is the stage's folder under the run's ``_work/`` (e.g. the VLM stages keep
+    their replies there for sample-level resume); None outside a run (tests, notebooks).
+    """
+
+    work_dir: str | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
 @dataclass
 class StageResult:
     """What ``process`` returns for the live rows of a batch, in their order."""
@@ -68,7 +101,7 @@ class StageResult:
     drop: list[str | None] | None = None
 
 
-class Stage:
+class Stage(Generic[C]):
     """Per-sample stage: maps a batch of rows to the same rows with new columns and marks."""
 
     name: ClassVar[str]
@@ -76,12 +109,16 @@ class Stage:
     kind: ClassVar[Literal["map", "global"]] = "map"
     #: Model stages run in an actor pool so ``setup()`` happens once per worker.
     stateful: ClassVar[bool] = False
+    #: Batches one actor runs at once (threads). More than one only for I/O-bound stages whose
+    #: ``process`` is thread-safe (``download``): a slow batch's tail then overlaps the next.
+    batches_in_flight: ClassVar[int] = 1
     #: Column types of everything ``process`` may add, so empty batches stay typed.
     output_columns: ClassVar[dict[str, pa.DataType]] = {}
 
-    def __init__(self, config: StageConfig) -> None:
-        self.config = config
+    def __init__(self, config: C) -> None:
+        self.config: C = config
         self.stage_name = config.name or config.use
+        self.ctx = StageContext()
 
     @classmethod
     def expand(cls, config: StageConfig) -> list[StageConfig]:
@@ -91,8 +128,12 @@ class Stage:
     def check(self) -> None:
         """Fail on the driver, before any work, when the stage cannot run here (e.g. missing model)."""
 
-    def setup(self) -> None:
+    def setup(self, ctx: StageContext) -> None:
         """Load models or open clients. Called once per worker before the first batch."""
+
+    def teardown(self) -> None:
+        """Release what ``setup`` took (sessions, threads, buffered state). Called once per worker
+        when its phase has no more batches for it; must be safe to call twice."""
 
     def process(self, batch: pa.Table) -> StageResult:  # pragma: no cover - contract
         raise NotImplementedError
@@ -129,7 +170,7 @@ class Stage:
         )
 
 
-class GlobalStage(Stage):
+class GlobalStage(Stage[C]):
     """A stage that needs the whole dataset: fraction thresholds, dedup clusters.
 
     ``columns`` names what it reads from the committed work files (never image
@@ -168,13 +209,3 @@ def _scatter(values: pa.Array | list, idx: list[int], n: int, typ: pa.DataType |
         positions[i] = j
     return values.take(pa.array(positions, pa.int64()))
 
-
-REGISTRY: dict[str, type[Stage]] = {}
-
-
-def register(cls: type[Stage]) -> type[Stage]:
-    """Class decorator: make a stage available to recipes as ``use: <name>``."""
-    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-        raise ValueError(f"stage name {cls.name!r} registered twice")
-    REGISTRY[cls.name] = cls
-    return cls

@@ -8,7 +8,8 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from curate import rows
-from curate.stages.base import Stage, StageConfig, StageResult, register
+from curate.stages.base import Stage, StageConfig, StageResult
+from curate.stages.registry import register
 
 
 class CaptionLengthConfig(StageConfig):
@@ -28,7 +29,7 @@ class CaptionLengthConfig(StageConfig):
 
 
 @register
-class CaptionLength(Stage):
+class CaptionLength(Stage[CaptionLengthConfig]):
     """Drop captions outside word/character bounds; records ``caption_words`` and ``caption_chars``.
 
     Reasons: ``caption_missing``, ``caption_too_few_words``, ``caption_too_many_words``,
@@ -43,7 +44,7 @@ class CaptionLength(Stage):
     }
 
     def process(self, batch: pa.Table) -> StageResult:
-        cfg: CaptionLengthConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         words, chars, drop = [], [], []
         for caption in batch.column(rows.CAPTION).to_pylist():
             if caption is None:

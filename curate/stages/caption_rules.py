@@ -39,7 +39,8 @@ from pydantic import Field, field_validator
 
 from curate import rows
 from curate.errors import InputError
-from curate.stages.base import Stage, StageConfig, StageResult, register
+from curate.stages.base import Stage, StageConfig, StageResult
+from curate.stages.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -177,15 +178,15 @@ class CaptionRulesConfig(StageConfig):
 
 
 @register
-class CaptionRules(Stage):
+class CaptionRules(Stage[CaptionRulesConfig]):
     """Drop captions that are junk alt-texts, bare file names or bare URLs (see the module doc)."""
 
     name = "caption_rules"
     Config = CaptionRulesConfig
 
-    def __init__(self, config: StageConfig) -> None:
+    def __init__(self, config: CaptionRulesConfig) -> None:
         super().__init__(config)
-        cfg: CaptionRulesConfig = config  # type: ignore[assignment]
+        cfg = config
         self.blacklist: frozenset[str] = frozenset()
         if cfg.junk:
             extra = parse_blacklist(cfg.junk_words)
@@ -197,7 +198,7 @@ class CaptionRules(Stage):
 
     def reason(self, caption: str | None) -> str | None:
         """The first rule a caption breaks, or None to keep it."""
-        cfg: CaptionRulesConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         text = (caption or "").strip()
         if not text:
             return "caption_missing"

@@ -35,7 +35,8 @@ from pydantic import Field, model_validator
 
 from curate import rows
 from curate.models.clip import preprocess_images
-from curate.stages.base import Resources, Stage, StageConfig, StageResult, register
+from curate.stages.base import Resources, Stage, StageConfig, StageContext, StageResult
+from curate.stages.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class ClipScoreConfig(StageConfig):
 
 
 @register
-class ClipScore(Stage):
+class ClipScore(Stage[ClipScoreConfig]):
     name = "clip_score"
     Config = ClipScoreConfig
     stateful = True
@@ -93,12 +94,12 @@ class ClipScore(Stage):
 
         resolve_checkpoint(self.config.model, self.config.pretrained)
 
-    def setup(self) -> None:
+    def setup(self, ctx: StageContext) -> None:
         import torch
 
         from curate.models.clip import load_clip_for_worker
 
-        cfg: ClipScoreConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         self.model, self.preprocess, self.tokenizer, self.device, self.dtype = load_clip_for_worker(
             cfg.model, cfg.pretrained, cfg.device, cfg.precision)
         device = self.device
@@ -112,7 +113,7 @@ class ClipScore(Stage):
     def process(self, batch: pa.Table) -> StageResult:
         import torch
 
-        cfg: ClipScoreConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         images = batch[rows.IMAGE].to_pylist()
         texts = batch[cfg.text_column].to_pylist() if cfg.text_column in batch.column_names else [None] * len(images)
         n = len(images)

@@ -67,7 +67,8 @@ from pydantic import Field, field_validator, model_validator
 from curate import rows
 from curate.errors import CurateError
 from curate.models.clip import preprocess_images
-from curate.stages.base import Resources, Stage, StageConfig, StageResult, register
+from curate.stages.base import Resources, Stage, StageConfig, StageContext, StageResult
+from curate.stages.registry import register
 from curate.stages.clip_score import INFERENCE_BATCH
 from curate.stages.recaption import alternate_pick  # both stages split a corpus alike
 
@@ -270,7 +271,7 @@ def _check_template(template: str, fields: set[str], option: str) -> None:
 
 
 @register
-class ClipTags(Stage):
+class ClipTags(Stage[ClipTagsConfig]):
     name = "clip_tags"
     Config = ClipTagsConfig
     stateful = True
@@ -285,12 +286,12 @@ class ClipTags(Stage):
         resolve_checkpoint(self.config.model, self.config.pretrained)
         load_vocabulary(self.config.vocabulary).only(self.config.groups)
 
-    def setup(self) -> None:
+    def setup(self, ctx: StageContext) -> None:
         import torch
 
         from curate.models.clip import load_clip_for_worker
 
-        cfg: ClipTagsConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         self.model, self.preprocess, tokenizer, self.device, self.dtype = load_clip_for_worker(
             cfg.model, cfg.pretrained, cfg.device, cfg.precision)
         device = self.device
@@ -307,7 +308,7 @@ class ClipTags(Stage):
         """One normalised text embedding per tag: the mean of its templates' embeddings (prompt ensembling)."""
         import torch
 
-        cfg: ClipTagsConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         out = []
         with torch.inference_mode():
             for start in range(0, len(self.vocab.tags), cfg.inference_batch):
@@ -332,7 +333,7 @@ class ClipTags(Stage):
     def process(self, batch: pa.Table) -> StageResult:
         import torch
 
-        cfg: ClipTagsConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         images = batch[rows.IMAGE].to_pylist()
         n = len(images)
         captions = (batch[cfg.text_column].to_pylist() if cfg.text_column in batch.column_names
@@ -377,7 +378,7 @@ class ClipTags(Stage):
 
     def _choose(self, key: str, caption: str | None, recap: str | None, fused: str | None) -> str | None:
         """The training caption by ``mode``; falls back to the alt-text when no tag passed."""
-        cfg: ClipTagsConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         if cfg.mode == "original":
             return caption
         if cfg.mode == "recaption":

@@ -24,7 +24,8 @@ from pydantic import Field
 
 from curate import rows
 from curate.errors import CurateError
-from curate.stages.base import GlobalStage, StageConfig, register
+from curate.stages.base import GlobalStage, StageConfig
+from curate.stages.registry import register
 from curate.stages.image_hash import PIXEL_SHA256, hash_stage_for
 
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
@@ -55,7 +56,7 @@ class DedupExactConfig(StageConfig):
 
 
 @register
-class DedupExact(GlobalStage):
+class DedupExact(GlobalStage[DedupExactConfig]):
     """Keep one sample per group of identical values; the others get ``duplicate_of``.
 
     The representative is the smallest key, so the result does not depend on the
@@ -74,7 +75,7 @@ class DedupExact(GlobalStage):
         return [config]
 
     def input_columns(self) -> list[str]:
-        return [LEVEL_COLUMNS[o] for o in self.config.by]  # type: ignore[attr-defined]
+        return [LEVEL_COLUMNS[o] for o in self.config.by]
 
     def decide(self, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
         """Vectorised: a level's values are dictionary-encoded and each code's first row in key
@@ -86,7 +87,7 @@ class DedupExact(GlobalStage):
         reason = np.full(n, -1, dtype=np.int64)  # index into `levels`, -1: kept
         rep = np.arange(n, dtype=np.int64)
         info: dict[str, Any] = {}
-        levels = list(self.config.by)  # type: ignore[attr-defined]
+        levels = list(self.config.by)
         for li, level in enumerate(levels):
             col = LEVEL_COLUMNS[level]
             if col not in table.column_names:

@@ -27,7 +27,8 @@ from pydantic import Field
 from curate import rows
 from curate.dedup.clusters import KEEP_FIELD, connected_components, decide_clusters, keep_columns
 from curate.dedup.minhash import MinHashParams, PairStats, near_duplicate_pairs
-from curate.stages.base import GlobalStage, StageConfig, register
+from curate.stages.base import GlobalStage, StageConfig
+from curate.stages.registry import register
 
 CLIP_EMB = "clip_image_emb"  # float16 vectors kept by clip_score
 PHASH = "phash"  # int64 pHash bits from image_hash
@@ -74,7 +75,7 @@ class DedupMinhashConfig(StageConfig):
 
 
 @register
-class DedupMinhash(GlobalStage):
+class DedupMinhash(GlobalStage[DedupMinhashConfig]):
     """Drop captions that nearly repeat another's; ``duplicate_of`` names the kept sample.
 
     Why ``match: pair`` is the default: on web data many *distinct* images share one
@@ -96,12 +97,8 @@ class DedupMinhash(GlobalStage):
     Config = DedupMinhashConfig
     output_columns: ClassVar[dict[str, pa.DataType]] = {"duplicate_of": pa.string()}
 
-    @property
-    def cfg(self) -> DedupMinhashConfig:
-        return self.config  # type: ignore[return-value]
-
     def params(self) -> MinHashParams:
-        c = self.cfg
+        c = self.config
         return MinHashParams(threshold=c.threshold, num_perm=c.num_perm, seed=c.seed, shingle=c.shingle,
                              ngram=c.ngram, verify_sigmas=c.verify_sigmas, verify=c.verify)
 
@@ -109,13 +106,13 @@ class DedupMinhash(GlobalStage):
         self.params().band_rows()  # fails early on impossible settings
 
     def input_columns(self) -> list[str]:
-        cols = [rows.CAPTION, *keep_columns(self.cfg.keep)]
-        if self.cfg.match == "pair":
-            cols += {"auto": [CLIP_EMB, PHASH], "clip": [CLIP_EMB], "phash": [PHASH]}[self.cfg.image_similarity]
+        cols = [rows.CAPTION, *keep_columns(self.config.keep)]
+        if self.config.match == "pair":
+            cols += {"auto": [CLIP_EMB, PHASH], "clip": [CLIP_EMB], "phash": [PHASH]}[self.config.image_similarity]
         return cols
 
     def _image_column(self, table: pa.Table) -> str:
-        c = self.cfg
+        c = self.config
         have = [col for col in ([CLIP_EMB, PHASH] if c.image_similarity == "auto"
                                 else [CLIP_EMB if c.image_similarity == "clip" else PHASH])
                 if col in table.column_names]
@@ -128,7 +125,7 @@ class DedupMinhash(GlobalStage):
             f"(for {PHASH}, as dedup_phash uses) before this stage, or set match: caption")
 
     def decide(self, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
-        c = self.cfg
+        c = self.config
         if rows.CAPTION not in table.column_names:
             raise ValueError(f"{self.stage_name}: needs column 'caption'; set source.caption_col")
         image_col = self._image_column(table) if c.match == "pair" else None

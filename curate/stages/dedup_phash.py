@@ -50,7 +50,8 @@ from curate.dedup.clusters import KEEP_FIELD, connected_components, decide_clust
 from curate.dedup.phash import HASH_BITS, band_layout, near_pairs
 from curate.dedup.semantic import EmbeddingError, embedding_matrix, normalise
 from curate.errors import CurateError
-from curate.stages.base import GlobalStage, StageConfig, register
+from curate.stages.base import GlobalStage, StageConfig
+from curate.stages.registry import register
 from curate.stages.image_hash import PHASH, hash_stage_for
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class DedupPhashConfig(StageConfig):
 
 
 @register
-class DedupPhash(GlobalStage):
+class DedupPhash(GlobalStage[DedupPhashConfig]):
     """Clusters of images within ``max_distance`` pHash bits; one kept per cluster."""
 
     name = "dedup_phash"
@@ -86,12 +87,12 @@ class DedupPhash(GlobalStage):
         return [hash_stage_for(config), config] if config.hash_images else [config]
 
     def input_columns(self) -> list[str]:
-        cfg: DedupPhashConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         emb = [cfg.embedding_column] if cfg.min_cosine is not None else []
         return [PHASH, *emb, *keep_columns(cfg.keep)]
 
     def decide(self, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
-        cfg: DedupPhashConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         if PHASH not in table.column_names:
             raise CurateError(f"{self.stage_name}: needs column {PHASH!r}, which no earlier stage produced. "
                               "Add `- use: image_hash` before this stage, or leave `hash_images: true`")
@@ -117,7 +118,7 @@ class DedupPhash(GlobalStage):
     def _verify(self, table: pa.Table, left: np.ndarray, right: np.ndarray,
                 min_cosine: float) -> tuple[np.ndarray, np.ndarray]:
         """Keep the pairs whose embeddings are at least ``min_cosine`` similar (rows without one: no pair)."""
-        col = self.config.embedding_column  # type: ignore[attr-defined]
+        col = self.config.embedding_column
         if col not in table.column_names:
             raise CurateError(f"{self.stage_name}: min_cosine needs column {col!r}, which no earlier stage "
                               "produced. Add `- use: clip_score` with `keep_embeddings: true` before this stage")

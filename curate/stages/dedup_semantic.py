@@ -44,7 +44,8 @@ from curate import rows
 from curate.dedup.clusters import KEEP_FIELD, connected_components, decide_clusters, keep_columns
 from curate.dedup.semantic import MAX_CLUSTER_SIZE, EmbeddingError, SemanticPairs, embedding_matrix
 from curate.errors import CurateError
-from curate.stages.base import GlobalStage, StageConfig, register
+from curate.stages.base import GlobalStage, StageConfig
+from curate.stages.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class DedupSemanticConfig(StageConfig):
 
 
 @register
-class DedupSemantic(GlobalStage):
+class DedupSemantic(GlobalStage[DedupSemanticConfig]):
     """SemDeDup: k-means clusters, pairwise cosine inside each, one sample kept per duplicate cluster."""
 
     name = "dedup_semantic"
@@ -74,10 +75,10 @@ class DedupSemantic(GlobalStage):
     output_columns: ClassVar[dict[str, pa.DataType]] = {"duplicate_of": pa.string()}
 
     def input_columns(self) -> list[str]:
-        return [self.config.column, *keep_columns(self.config.keep)]  # type: ignore[attr-defined]
+        return [self.config.column, *keep_columns(self.config.keep)]
 
     def decide(self, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
-        cfg: DedupSemanticConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         if cfg.column not in table.column_names:
             raise CurateError(
                 f"{self.stage_name}: needs column {cfg.column!r}, which no earlier stage produced. Add "

@@ -94,7 +94,8 @@ from curate.net.image import (
     Interpolation,
     ResizeMode,
 )
-from curate.stages.base import Resources, Stage, StageConfig, StageResult, register
+from curate.stages.base import Resources, Stage, StageConfig, StageContext, StageResult
+from curate.stages.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class _Outcome:
 
 
 @register
-class Download(Stage):
+class Download(Stage[DownloadConfig]):
     """Download, check, resize and encode each row's image (img2dataset's options; reasons above)."""
 
     name = "download"
@@ -229,9 +230,9 @@ class Download(Stage):
         "http_status": pa.int32(),
     }
 
-    def __init__(self, config: StageConfig) -> None:
+    def __init__(self, config: DownloadConfig) -> None:
         super().__init__(config)
-        cfg: DownloadConfig = config  # type: ignore[assignment]
+        cfg = config
         self.cfg = cfg
         self.fetch_options = FetchOptions(
             timeout=cfg.timeout, retries=cfg.retries, retry_backoff=cfg.retry_backoff, max_bytes=cfg.max_bytes,
@@ -263,7 +264,7 @@ class Download(Stage):
 
     # ------------------------------------------------------------ lifecycle
 
-    def setup(self) -> None:
+    def setup(self, ctx: StageContext) -> None:
         """Start the worker's event loop, HTTP session and decode threads (once per actor)."""
         with self._setup_lock:
             if self._loop is None:
@@ -280,8 +281,8 @@ class Download(Stage):
         # One cap for the worker: batches processed concurrently (actor max_concurrency > 1) share it.
         self._slots = asyncio.Semaphore(self.cfg.concurrency_per_worker)
 
-    def close(self) -> None:
-        """Close the session and stop the threads (tests; an actor simply exits)."""
+    def teardown(self) -> None:
+        """Close the session and stop the threads (the engine calls it when the worker is done)."""
         if self._loop is None:
             return
         if self._fetcher is not None:
@@ -294,7 +295,7 @@ class Download(Stage):
     # ------------------------------------------------------------ per batch
 
     def process(self, batch: pa.Table) -> StageResult:
-        self.setup()
+        self.setup(self.ctx)
         assert self._loop is not None
         urls = batch.column(rows.URL).to_pylist() if rows.URL in batch.column_names else [None] * batch.num_rows
         expected = self._expected_hashes(batch)

@@ -31,7 +31,8 @@ import pyarrow as pa
 
 from curate import rows
 from curate.dedup.phash import UndecodableImage, image_hashes
-from curate.stages.base import Stage, StageConfig, StageResult, register
+from curate.stages.base import Stage, StageConfig, StageResult
+from curate.stages.registry import register
 
 PHASH = "phash"
 PIXEL_SHA256 = "pixel_sha256"
@@ -42,7 +43,7 @@ class ImageHashConfig(StageConfig):
 
 
 @register
-class ImageHash(Stage):
+class ImageHash(Stage[ImageHashConfig]):
     """Decode each live image once; add ``phash`` and ``pixel_sha256``."""
 
     name = "image_hash"

@@ -47,7 +47,8 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from curate import rows
-from curate.stages.base import Stage, StageConfig, StageResult, register
+from curate.stages.base import Stage, StageConfig, StageResult
+from curate.stages.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class ImageRulesConfig(StageConfig):
 
 
 @register
-class ImageRules(Stage):
+class ImageRules(Stage[ImageRulesConfig]):
     """Drop images outside size bounds (see the module doc for where the size comes from)."""
 
     name = "image_rules"
@@ -124,7 +125,7 @@ class ImageRules(Stage):
 
     def judge(self, w: int, h: int) -> str | None:
         """The first size rule (w, h) breaks, or None to keep it."""
-        cfg: ImageRulesConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         short, long = min(w, h), max(w, h)
         if cfg.min_side is not None and short < cfg.min_side:
             return "image_too_small"
@@ -137,7 +138,7 @@ class ImageRules(Stage):
         return None
 
     def process(self, batch: pa.Table) -> StageResult:
-        cfg: ImageRulesConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         names = set(batch.column_names)
         if not names & {WIDTH, ORIGINAL_WIDTH, rows.IMAGE}:
             raise ValueError(

@@ -18,7 +18,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate import rows
-from curate.stages.base import GlobalStage, StageConfig, register
+from curate.stages.base import GlobalStage, StageConfig
+from curate.stages.registry import register
 
 
 class KeepFractionConfig(StageConfig):
@@ -29,15 +30,15 @@ class KeepFractionConfig(StageConfig):
 
 
 @register
-class KeepFraction(GlobalStage):
+class KeepFraction(GlobalStage[KeepFractionConfig]):
     name = "keep_fraction"
     Config = KeepFractionConfig
 
     def input_columns(self) -> list[str]:
-        return [self.config.column]  # type: ignore[attr-defined]
+        return [self.config.column]
 
     def decide(self, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
-        cfg: KeepFractionConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         if cfg.column not in table.column_names:
             raise ValueError(f"{self.stage_name}: column {cfg.column!r} was not produced by an earlier stage")
         keys = table[rows.KEY].to_pylist()

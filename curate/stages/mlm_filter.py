@@ -39,9 +39,10 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate import rows
-from curate.stages.base import StageResult, register
-from curate.vlm.base import VLMOptions, load_prompt, render
-from curate.vlm.stage import IMAGE_MISSING, VLMStage
+from curate.stages.base import StageResult
+from curate.stages.registry import register
+from curate.vlm.base import load_prompt, render
+from curate.stages._vlm import IMAGE_MISSING, VLMStage, VLMStageConfig
 
 METRICS = ("image_text_matching", "object_detail_fulfillment", "caption_text_quality", "semantic_understanding")
 Metric = Literal["image_text_matching", "object_detail_fulfillment", "caption_text_quality",
@@ -73,7 +74,7 @@ def score_column(metric: str) -> str:
     return f"mlm_{metric}"
 
 
-class MLMFilterConfig(VLMOptions):
+class MLMFilterConfig(VLMStageConfig):
     use: Literal["mlm_filter"] = "mlm_filter"
     metrics: dict[Metric, int | None] = Field(
         default_factory=lambda: {"semantic_understanding": 85},
@@ -96,7 +97,7 @@ class MLMFilterConfig(VLMOptions):
 
 
 @register
-class MLMFilter(VLMStage):
+class MLMFilter(VLMStage[MLMFilterConfig]):
     """Score pairs with an MLLM judge; keep those that reach every threshold (see the module doc)."""
 
     name = "mlm_filter"

@@ -37,7 +37,8 @@ from pydantic import Field, model_validator
 from curate import rows
 from curate.errors import CurateError
 from curate.pack.tokens import TokenCounter, make_counter
-from curate.stages.base import Stage, StageConfig, StageResult, register
+from curate.stages.base import Stage, StageConfig, StageContext, StageResult
+from curate.stages.registry import register
 
 DEFAULT_MAX_TOKENS = 4096  # Open-Qwen2VL's packed sequence length
 DEFAULT_IMAGE_TOKENS = 144  # Open-Qwen2VL: SigLIP-SO400M's 27×27 = 729 patches average-pooled to 12×12
@@ -71,7 +72,7 @@ class PackConfig(StageConfig):
 
 
 @register
-class Pack(Stage):
+class Pack(Stage[PackConfig]):
     """Record ``num_tokens`` (and ``text_tokens``, ``pack_truncated``, ``pack_text``); drop or truncate
     over-long samples.
 
@@ -87,25 +88,25 @@ class Pack(Stage):
         PACK_TEXT: pa.string(),
     }
 
-    def __init__(self, config: StageConfig) -> None:
+    def __init__(self, config: PackConfig) -> None:
         super().__init__(config)
         self.counter: TokenCounter | None = None
 
     def check(self) -> None:
         """On the driver: load the tokenizer (errors name the path), or warn that counts are approximate."""
-        cfg: PackConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         try:
             make_counter(cfg.tokenizer)
         except (OSError, ValueError, RuntimeError) as e:
             raise CurateError(f"stage {self.stage_name}: {e}") from e
 
-    def setup(self) -> None:
-        self.counter = make_counter(self.config.tokenizer)  # type: ignore[attr-defined]
+    def setup(self, ctx: StageContext) -> None:
+        self.counter = make_counter(self.config.tokenizer)
 
     def process(self, batch: pa.Table) -> StageResult:
-        cfg: PackConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         if self.counter is None:
-            self.setup()
+            self.setup(self.ctx)
         if cfg.text_column not in batch.column_names:
             raise CurateError(f"stage {self.stage_name}: no column {cfg.text_column!r} to count tokens of; "
                               f"columns: {', '.join(batch.column_names)}")

@@ -42,9 +42,10 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate import rows
-from curate.stages.base import StageResult, register
-from curate.vlm.base import Answer, VLMOptions, load_prompt, render
-from curate.vlm.stage import IMAGE_MISSING, VLMStage
+from curate.stages.base import StageResult
+from curate.stages.registry import register
+from curate.vlm.base import Answer, load_prompt, render
+from curate.stages._vlm import IMAGE_MISSING, VLMStage, VLMStageConfig
 
 RECAPTION = "recaption"
 RECAPTION_MODEL = "recaption_model"
@@ -68,7 +69,7 @@ def alternate_pick(key: str) -> bool:
     return hashlib.sha1(key.encode("utf-8")).digest()[0] & 1 == 1
 
 
-class RecaptionConfig(VLMOptions):
+class RecaptionConfig(VLMStageConfig):
     use: Literal["recaption"] = "recaption"
     prompt: str = Field("short", description="short | detailed | a shipped prompt's name | a .txt path.")
     mode: Literal["original", "recaption", "both", "fuse"] = Field(
@@ -82,7 +83,7 @@ class RecaptionConfig(VLMOptions):
 
 
 @register
-class Recaption(VLMStage):
+class Recaption(VLMStage[RecaptionConfig]):
     """Write a new caption per image and choose the training caption (see the module doc)."""
 
     name = "recaption"

@@ -1,9 +1,7 @@
 """Vision-language models behind one interface: a served model (OpenAI-compatible) or an in-process one.
 
-``base`` holds the contract and the options, ``openai`` and ``transformers_backend``
-the two backends, ``cache`` the replies kept for resume, ``stage`` what the VLM stages
-share, ``prompts/`` the prompt templates (data files shipped in the package).
+``base`` holds the contract and the options, ``registry`` picks a backend, ``openai`` and
+``transformers_backend`` are the two backends, ``cache`` keeps replies for resume,
+``prompts/`` holds the prompt templates (data files shipped in the package). The stages
+that use them (``mlm_filter``, ``recaption``) live in :mod:`curate.stages`.
 """
-
-# Registering the stages first breaks the cycle stages -> vlm.base -> stages.base -> stages/__init__.
-import curate.stages  # noqa: F401

@@ -6,7 +6,7 @@ A stage hands a backend a list of :class:`Ask` (an image, a prompt) and gets bac
 reason. A backend never raises for one bad request; it raises only when it cannot run
 at all (no model, no API key), which is a recipe problem the user must fix.
 
-The options live in :class:`VLMOptions`, a :class:`StageConfig` that the VLM stages
+The options live in :class:`VLMOptions`, which the VLM stages' configs
 (``mlm_filter``, ``recaption``) extend, so a recipe writes them flat::
 
     - use: mlm_filter
@@ -25,10 +25,9 @@ from importlib import resources as importlib_resources
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from curate.errors import CurateError
-from curate.stages.base import Resources, StageConfig
 
 #: vLLM's and SGLang's default port with the OpenAI route prefix: `vllm serve MODEL` answers here.
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
@@ -80,9 +79,10 @@ class Backend(Protocol):
         """Release sessions, threads, models."""
 
 
-class VLMOptions(StageConfig):
+class VLMOptions(BaseModel):
     """Options every VLM stage has: which backend, which model, and how to talk to it."""
 
+    model_config = ConfigDict(extra="forbid")
     backend: Literal["openai", "transformers"] = Field(
         "openai", description="openai: any OpenAI-compatible chat-completions server (vLLM, SGLang, a hosted "
         "API); transformers: load the model in-process (pip install 'curate[vlm]').")
@@ -107,8 +107,6 @@ class VLMOptions(StageConfig):
     resume: bool = Field(True, description=(
         "Keep every reply under <output>/_work/vlm/<stage>/ as it arrives, so a re-run after a crash asks "
         "only what was not answered."))
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1, batch_size=DEFAULT_BATCH_ROWS))
-    _work_dir: str | None = PrivateAttr(None)
 
     @field_validator("base_url")
     @classmethod
@@ -128,22 +126,6 @@ class VLMOptions(StageConfig):
             raise ValueError("api_key_env is the NAME of an environment variable (e.g. OPENAI_API_KEY), "
                              "not the key")
         return v
-
-    @model_validator(mode="before")
-    @classmethod
-    def _gpu_for_in_process(cls, data: Any) -> Any:
-        """In-process models want a GPU (the runner falls back to CPU when Ray has none)."""
-        if isinstance(data, dict) and data.get("backend") == "transformers" and "resources" not in data:
-            data = {**data, "resources": {"num_cpus": 1, "num_gpus": 1, "batch_size": DEFAULT_BATCH_ROWS}}
-        return data
-
-    def set_work_dir(self, path: str) -> None:
-        """Called by the runner: where this stage keeps its replies for resume (not part of the recipe)."""
-        self._work_dir = path
-
-    @property
-    def work_dir(self) -> str | None:
-        return self._work_dir
 
     @property
     def urls(self) -> list[str]:
@@ -177,27 +159,3 @@ def render(template: str, **values: str | None) -> str:
         out = out.replace("{" + k + "}", (v or "").replace('"', "'"))
     return out
 
-
-def make_backend(options: VLMOptions) -> Backend:
-    """The backend the options ask for (imports heavy libraries only when needed)."""
-    if options.backend == "openai":
-        from curate.vlm.openai import OpenAIBackend
-
-        return OpenAIBackend(options)
-    from curate.vlm.transformers_backend import TransformersBackend
-
-    return TransformersBackend(options)
-
-
-def check_backend(options: VLMOptions) -> None:
-    """Driver-side checks before any work: the API key variable is set, the in-process model loads."""
-    import os
-
-    if options.backend == "openai":
-        if options.api_key_env and not os.environ.get(options.api_key_env):
-            raise CurateError(f"api_key_env names {options.api_key_env}, which is not set in the environment; "
-                              f"export {options.api_key_env}=... (the key never goes in the recipe)")
-        return
-    from curate.vlm.transformers_backend import check_model
-
-    check_model(options)

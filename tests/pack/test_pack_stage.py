@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
+from curate.stages.base import StageContext
 from curate import rows
 from curate.errors import CurateError
 from curate.pack.tokens import ApproximateCounter, HFTokenizerCounter
@@ -27,7 +28,7 @@ def batch(captions: list[str | None], images: list[bytes | None] | None = None) 
 def stage(**options) -> Pack:
     s = Pack(PackConfig(**options))
     s.check()
-    s.setup()
+    s.setup(StageContext())
     return s
 
 

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from curate.stages.base import StageContext
 from curate.errors import CurateError
 from curate.recipe import load_recipe
 from curate.runner import run
@@ -40,7 +41,7 @@ def test_demo_clip_ranks_matched_above_mismatched():
     captions = [p[1] for p in pairs]
     shuffled = captions[1:] + captions[:1]  # every image with another scene's caption
     stage = ClipScore(ClipScoreConfig(model="curate-demo-clip"))
-    stage.setup()
+    stage.setup(StageContext())
     matched = stage(_table(images, captions))
     mismatched = stage(_table(images, shuffled))
     pos = matched["clip_score"].to_pylist()
@@ -52,7 +53,7 @@ def test_demo_clip_ranks_matched_above_mismatched():
 
 def test_corrupt_image_is_dropped_not_crashing():
     stage = ClipScore(ClipScoreConfig(model="curate-demo-clip", min_score=0.99))
-    stage.setup()
+    stage.setup(StageContext())
     good, cap = _scene_pairs(1, seed=5)[0]
     out = stage(_table([b"not an image", good], ["x", cap]))
     assert out["reason"].to_pylist() == ["image_decode_error", "clip_score_low"]
@@ -77,7 +78,7 @@ def test_local_checkpoint_path_loads(tmp_path):
 
     stage = ClipScore(ClipScoreConfig(model="curate-demo-clip", pretrained=str(DEMO_WEIGHTS)))
     stage.check()
-    stage.setup()
+    stage.setup(StageContext())
     img, cap = _scene_pairs(1, seed=9)[0]
     assert stage(_table([img], [cap]))["clip_score"].to_pylist()[0] is not None
 

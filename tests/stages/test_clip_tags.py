@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from curate.stages.base import StageContext
 from curate.demo.tags_eval import tag_accuracy
 from curate.errors import CurateError, RecipeError
 from curate.recipe import load_recipe
@@ -103,7 +104,7 @@ def test_mode_picks_the_training_caption():
     for mode, both in (("original", "alternate"), ("recaption", "alternate"), ("both", "join"),
                        ("both", "alternate")):
         stage = ClipTags(ClipTagsConfig(**DEMO_OPTIONS, mode=mode, both=both, join_separator=" | "))
-        stage.setup()
+        stage.setup(StageContext())
         out[mode, both] = stage(batch).to_pylist()
     for i, row in enumerate(out["original", "alternate"]):
         assert row["train_caption"] == scenes[i][1]
@@ -129,10 +130,10 @@ def test_groups_beat_one_softmax_on_demo_scenes(tmp_path):
 
     scenes = _scenes(80, seed=31)
     grouped = ClipTags(ClipTagsConfig(**DEMO_OPTIONS))
-    grouped.setup()
+    grouped.setup(StageContext())
     flat = ClipTags(ClipTagsConfig(**{**DEMO_OPTIONS, "vocabulary": str(write_tags(tmp_path / "tags.txt")),
                                       "min_prob": 0.05}))
-    flat.setup()
+    flat.setup(StageContext())
     acc_grouped = tag_accuracy(grouped(_batch(scenes)), _truth(scenes))
     acc_flat = tag_accuracy(flat(_batch(scenes)), _truth(scenes))
     assert acc_grouped["precision"] >= PRECISION_FLOOR

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from curate.stages.base import StageContext
 from curate import rows
 from curate.errors import RecipeError
 from curate.recipe import load_recipe
@@ -48,7 +49,7 @@ def _run_stage(table: pa.Table, **options) -> pa.Table:
     try:
         return stage(table)
     finally:
-        stage.close()
+        stage.teardown()
 
 
 def _hostile_world(s: HostileServer) -> dict[str, tuple[str | None, str | None]]:
@@ -122,7 +123,7 @@ def test_concurrent_batches_share_one_worker(server):
     from concurrent.futures import ThreadPoolExecutor
 
     stage = Download(DownloadConfig(**FAST))
-    stage.setup()
+    stage.setup(StageContext())
     try:
         batch = _batch([server.url("/static/good.jpg")] * 20 + [server.url("/hang")])
         t0 = time.monotonic()
@@ -130,7 +131,7 @@ def test_concurrent_batches_share_one_worker(server):
             outs = list(pool.map(stage, [batch, batch]))
         elapsed = time.monotonic() - t0
     finally:
-        stage.close()
+        stage.teardown()
     for out in outs:
         assert out[rows.REASON].to_pylist() == [None] * 20 + ["timeout"]
     assert elapsed < 2 * FAST["timeout"]

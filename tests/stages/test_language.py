@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
+from curate.stages.base import StageContext
 from curate import rows
 from curate.stages.language import LID176_LABELS, Language, LanguageConfig
 from tests.stages.test_rules import make_table
@@ -103,7 +104,7 @@ MIN_ACCURACY_HARD = 0.80
 @pytest.fixture(scope="module")
 def stage() -> Language:
     s = Language(LanguageConfig())
-    s.setup()
+    s.setup(StageContext())
     return s
 
 
@@ -166,7 +167,7 @@ def test_model_ships_in_the_wheel_and_never_downloads(monkeypatch) -> None:
 
     monkeypatch.setattr(infer.ModelDownloader, "download", classmethod(no_download))
     s = Language(LanguageConfig())
-    s.setup()
+    s.setup(StageContext())
     assert s.detect("ein rotes Auto auf der Straße")[0] == "de"
 
 

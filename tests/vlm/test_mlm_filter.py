@@ -126,7 +126,7 @@ def test_rows_without_images_are_not_sent(tmp_path):
                           "status": ["kept", "kept"], "dropped_by": pa.nulls(2, pa.string()),
                           "reason": pa.nulls(2, pa.string())})
         out = stage(batch)
-        stage.close()
+        stage.teardown()
     finally:
         server.stop()
     assert out["reason"].to_pylist() == [None if score("one") >= 85 else "mlm_filter_low:semantic_understanding",

@@ -41,7 +41,7 @@ def _run(stage: Recaption, batch: pa.Table) -> pa.Table:
     try:
         return stage(batch)
     finally:
-        stage.close()
+        stage.teardown()
 
 
 def test_modes_choose_the_training_caption(server):

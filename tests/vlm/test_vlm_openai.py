@@ -11,7 +11,8 @@ import pytest
 from curate.errors import CurateError, RecipeError
 from curate.recipe import load_recipe
 from curate.stages.mlm_filter import MLMFilterConfig
-from curate.vlm.base import Ask, check_backend
+from curate.vlm.base import Ask
+from curate.vlm.registry import check_backend
 from curate.vlm.openai import Balancer, OpenAIBackend
 from tests.conftest import jpeg_bytes
 from tests.vlm.chat_server import ChatServer, score

@@ -1,4 +1,5 @@
-"""What the VLM stages share: a backend per worker, replies kept for resume, one ask per live row.
+"""What the VLM stages (``mlm_filter``, ``recaption``) share: their config base, a backend per
+worker, replies kept for resume, one ask per live row. A helper module, not a stage (``_``).
 
 A subclass builds one prompt per row and turns the answers into columns and drop
 reasons. Rows without image bytes are never sent (``image_missing``). Replies found in
@@ -9,28 +10,47 @@ soon as it arrives.
 from __future__ import annotations
 
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import pyarrow as pa
+from pydantic import Field, model_validator
 
 from curate import rows
-from curate.stages.base import Stage, StageConfig
-from curate.vlm.base import Answer, Ask, Backend, VLMOptions, check_backend, make_backend
+from curate.stages.base import Resources, Stage, StageConfig, StageContext
+from curate.vlm.base import DEFAULT_BATCH_ROWS, Answer, Ask, Backend, VLMOptions
 from curate.vlm.cache import NO_SHARD, ReplyCache
+from curate.vlm.registry import check_backend, make_backend
 
 log = logging.getLogger(__name__)
 
 IMAGE_MISSING = "image_missing"
 
 
-class VLMStage(Stage):
+class VLMStageConfig(StageConfig, VLMOptions):
+    """A VLM stage's options: the stage's (``use``, ``name``, ``resources``) and the backend's, flat."""
+
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1, batch_size=DEFAULT_BATCH_ROWS))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gpu_for_in_process(cls, data: Any) -> Any:
+        """In-process models want a GPU (the engine falls back to CPU when Ray has none)."""
+        if isinstance(data, dict) and data.get("backend") == "transformers" and "resources" not in data:
+            data = {**data, "resources": {"num_cpus": 1, "num_gpus": 1, "batch_size": DEFAULT_BATCH_ROWS}}
+        return data
+
+
+V = TypeVar("V", bound=VLMStageConfig)
+
+
+class VLMStage(Stage[V]):
     """Base of ``mlm_filter`` and ``recaption``: subclasses call :meth:`ask` from ``process``."""
 
     stateful: ClassVar[bool] = True
 
-    def __init__(self, config: StageConfig) -> None:
+    def __init__(self, config: V) -> None:
         super().__init__(config)
-        self.options: VLMOptions = config  # type: ignore[assignment]
+        self.options: VLMOptions = config
         self.backend: Backend | None = None
         self.cache: ReplyCache | None = None
         #: requests sent to the backend by this worker (replies from the resume store excluded)
@@ -44,13 +64,15 @@ class VLMStage(Stage):
         self.templates()  # a missing prompt file fails now
         check_backend(self.options)
 
-    def setup(self) -> None:
+    def setup(self, ctx: StageContext) -> None:
+        """Open the backend and, in a run, the resume store under ``ctx.work_dir``."""
+        self.ctx = ctx
         if self.backend is None:
             self.backend = make_backend(self.options)
-        if self.cache is None and self.options.resume and self.options.work_dir:
-            self.cache = ReplyCache(self.options.work_dir, self.options.fingerprint(*self.templates()))
+        if self.cache is None and self.options.resume and ctx.work_dir:
+            self.cache = ReplyCache(ctx.work_dir, self.options.fingerprint(*self.templates()))
 
-    def close(self) -> None:
+    def teardown(self) -> None:
         if self.cache is not None:
             self.cache.flush()
         if self.backend is not None:
@@ -62,7 +84,8 @@ class VLMStage(Stage):
 
         A ``None`` prompt means "do not ask" (the answer is an empty error).
         """
-        self.setup()
+        if self.backend is None:
+            self.setup(self.ctx)
         n = batch.num_rows
         images = batch[rows.IMAGE].to_pylist() if rows.IMAGE in batch.column_names else [None] * n
         formats = (batch[rows.IMAGE_FORMAT].to_pylist() if rows.IMAGE_FORMAT in batch.column_names
