@@ -20,25 +20,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from curate.errors import RecipeError
+from curate.sources.base import SourceConfig
 from curate.stages.base import StageConfig
 from curate.stages.registry import stage_class, stage_classes
-
-SOURCE_FORMATS = ("auto", "parquet", "csv", "tsv", "json", "jsonl", "txt", "webdataset")
-
-
-class SourceConfig(BaseModel):
-    """Where the samples come from: a URL list, WebDataset tars, or Parquet with image bytes."""
-
-    model_config = ConfigDict(extra="forbid")
-    path: str | list[str] = Field(description="File, folder or glob; any fsspec URL (s3://, memory://).")
-    format: Literal[SOURCE_FORMATS] = "auto"  # type: ignore[valid-type]
-    url_col: str = "url"
-    caption_col: str | None = "caption"
-    image_col: str = Field("image", description="Parquet sources: column with image bytes.")
-    key_col: str | None = Field(None, description="Use this input column as the sample key.")
-    columns: list[str] | None = Field(
-        None, description="Input columns to carry through to the outputs; default: all of them."
-    )
 
 
 class WriteConfig(BaseModel):

@@ -11,14 +11,32 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
 
 from curate import rows
 from curate.errors import InputError
-from curate.recipe import SourceConfig
+
+SOURCE_FORMATS = ("auto", "parquet", "csv", "tsv", "json", "jsonl", "txt", "webdataset")
+
+
+class SourceConfig(BaseModel):
+    """Where the samples come from: a URL list, WebDataset tars, or Parquet with image bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str | list[str] = Field(description="File, folder or glob; any fsspec URL (s3://, memory://).")
+    format: Literal[SOURCE_FORMATS] = "auto"  # type: ignore[valid-type]
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    image_col: str = Field("image", description="Parquet sources: column with image bytes.")
+    key_col: str | None = Field(None, description="Use this input column as the sample key.")
+    columns: list[str] | None = Field(
+        None, description="Input columns to carry through to the outputs; default: all of them."
+    )
+
 
 URL_LIST_EXTS = {
     ".parquet": "parquet",
@@ -103,7 +121,7 @@ def base_columns(n: int) -> dict[str, pa.Array]:
 
 
 class Source(ABC):
-    """A kind of input. Built from :class:`SourceConfig` by :func:`make_source`."""
+    """A kind of input. Built from :class:`SourceConfig` by :func:`curate.sources.registry.make_source`."""
 
     def __init__(self, config: SourceConfig, files: list[str]) -> None:
         self.config = config
@@ -123,22 +141,7 @@ class Source(ABC):
 
 
 def make_source(config: SourceConfig) -> Source:
-    from curate.sources.parquet_images import ParquetImageSource
-    from curate.sources.urllist import UrlListSource
-    from curate.sources.webdataset import WebDatasetSource
+    """Kept until curate/runner.py and curate/cli.py import :func:`curate.sources.registry.make_source`."""
+    from curate.sources.registry import make_source as _make_source
 
-    files = expand_paths(config.path)
-    formats = {config.format if config.format != "auto" else detect_format(f) for f in files}
-    if len(formats) > 1:
-        raise InputError(f"source.path mixes formats {sorted(formats)}; use one format per run")
-    fmt = formats.pop()
-    if fmt == "webdataset":
-        return WebDatasetSource(config, files)
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        with fsspec.open(files[0], "rb") as f:
-            names = pq.ParquetFile(f).schema_arrow.names
-        if config.image_col in names:  # images already there: nothing to download
-            return ParquetImageSource(config, files)
-    return UrlListSource(config, files, fmt)
+    return _make_source(config)

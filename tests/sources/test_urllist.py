@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.errors import InputError
-from curate.recipe import SourceConfig
-from curate.sources.base import make_source
+from curate.sources.base import SourceConfig
+from curate.sources.registry import make_source
 
 ROWS = [{"url": f"http://example.com/{i}.jpg", "caption": f"caption {i}", "license": f"cc-{i % 3}"}
         for i in range(25)]
