@@ -1,4 +1,4 @@
-"""Recipes: YAML validated by pydantic, with errors that name file, line and key.
+"""Recipes: YAML validated by pydantic, with errors that name file, line and key (:mod:`curate.yamlio`).
 
 >>> from curate.recipe import load_recipe
 >>> r = load_recipe("pipelines/download.yaml", overrides=["write.samples_per_shard=500"])  # doctest: +SKIP
@@ -12,17 +12,16 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from curate.errors import RecipeError
 from curate.sources.base import SourceConfig
 from curate.stages.base import StageConfig
 from curate.stages.registry import stage_class, stage_classes
+from curate.yamlio import YamlDoc, apply_override, load_yaml, validation_message
 
 
 class WriteConfig(BaseModel):
@@ -67,66 +66,6 @@ class Recipe(BaseModel):
         return self.model_dump(mode="json", serialize_as_any=True)
 
 
-# ---------------------------------------------------------------- YAML with lines
-
-
-@dataclass
-class _Doc:
-    file: str
-    data: Any
-    lines: dict[tuple, int] = field(default_factory=dict)
-
-
-def _node_lines(node: yaml.Node, path: tuple, out: dict[tuple, int]) -> None:
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = k.value
-            out[path + (key,)] = k.start_mark.line + 1
-            _node_lines(v, path + (key,), out)
-            out[path + (key,)] = k.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            _node_lines(v, path + (i,), out)
-
-
-def _load_yaml(path: str | os.PathLike) -> _Doc:
-    p = Path(path)
-    if not p.exists():
-        raise RecipeError(f"file not found: {p}")
-    text = p.read_text()
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise RecipeError(f"invalid YAML: {getattr(e, 'problem', e)}", file=str(p),
-                          line=mark.line + 1 if mark else None) from e
-    lines: dict[tuple, int] = {}
-    if node is not None:
-        _node_lines(node, (), lines)
-    return _Doc(str(p), data, lines)
-
-
-def _keypath(loc: Iterable[Any]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
-def _line_for(doc: _Doc, loc: tuple) -> int | None:
-    loc = tuple(loc)
-    while loc:
-        if loc in doc.lines:
-            return doc.lines[loc]
-        loc = loc[:-1]
-    return doc.lines.get(())
-
-
 # ---------------------------------------------------------------- presets
 
 
@@ -158,40 +97,6 @@ def _find_preset(name: str, recipe_file: str) -> Path:
     raise RecipeError(f"unknown preset {name!r}; known presets: {', '.join(known) or 'none'}")
 
 
-# ---------------------------------------------------------------- overrides
-
-
-def _apply_override(data: dict, expr: str) -> tuple:
-    if "=" not in expr:
-        raise RecipeError(f"--set {expr!r}: expected dotted.key=value")
-    key, raw = expr.split("=", 1)
-    parts: list[Any] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"--set {expr!r}: value is not valid YAML: {e}") from e
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            if not isinstance(part, int) or part >= len(node):
-                raise RecipeError(f"--set {key}: no list item {part} at {_keypath(parts[:i])}")
-            node = node[part]
-        else:
-            if not isinstance(node, dict):
-                raise RecipeError(f"--set {key}: {_keypath(parts[:i])} is not a mapping")
-            node = node.setdefault(part, {})
-    last = parts[-1]
-    if not isinstance(node, dict | list):
-        raise RecipeError(f"--set {key}: {_keypath(parts[:-1])} is not a mapping")
-    if isinstance(node, list):
-        if not isinstance(last, int) or last >= len(node):
-            raise RecipeError(f"--set {key}: no list item {last}")
-        node[last] = value
-    else:
-        node[last] = value
-    return tuple(parts)
-
-
 # ---------------------------------------------------------------- loading
 
 
@@ -207,17 +112,17 @@ def load_recipe(
 
     Every error is a :class:`RecipeError` naming the file, the line and the key path.
     """
-    doc = _load_yaml(path)
+    doc = load_yaml(path)
     data = doc.data
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a mapping with keys source, stages, write, runtime", file=doc.file, line=1)
     set_keys: dict[tuple, str] = {}
     for expr in overrides:
-        set_keys[_apply_override(data, expr)] = expr
+        set_keys[apply_override(data, expr)] = expr
     if input_path is not None:
         data.setdefault("source", {})
         if not isinstance(data["source"], dict):
-            raise RecipeError("source must be a mapping", file=doc.file, line=_line_for(doc, ("source",)))
+            raise RecipeError("source must be a mapping", file=doc.file, line=doc.line_for(("source",)))
         data["source"]["path"] = input_path
     if output_path is not None:
         data.setdefault("write", {})
@@ -226,19 +131,15 @@ def load_recipe(
         data.setdefault("runtime", {})
         data["runtime"]["ray_address"] = ray_address
 
-    def fail(loc: tuple, msg: str, origin: _Doc | None = None) -> RecipeError:
-        for k, expr in set_keys.items():
-            if tuple(loc[: len(k)]) == k:
-                return RecipeError(msg, file=f"--set {expr}", key=_keypath(loc))
-        d = origin or doc
-        return RecipeError(msg, file=d.file, line=_line_for(d, loc), key=_keypath(loc))
+    def fail(loc: tuple, msg: str, origin: YamlDoc | None = None) -> RecipeError:
+        return (origin or doc).error(loc, msg, overrides=set_keys)
 
     # Stages: splice presets, then validate each against its own Config.
     raw_stages = data.get("stages") or []
     if not isinstance(raw_stages, list):
         raise fail(("stages",), "must be a list of {use: NAME, ...options}")
     stages: list[StageConfig] = []
-    origins: list[tuple[tuple, _Doc | None]] = []  # where each expanded stage was written, for errors
+    origins: list[tuple[tuple, YamlDoc | None]] = []  # where each expanded stage was written, for errors
     for i, entry in enumerate(raw_stages):
         loc = ("stages", i)
         if isinstance(entry, dict) and "preset" in entry:
@@ -248,7 +149,7 @@ def load_recipe(
                 preset_file = _find_preset(str(entry["preset"]), doc.file)
             except RecipeError as e:
                 raise fail(loc + ("preset",), e.detail) from None
-            pdoc = _load_yaml(preset_file)
+            pdoc = load_yaml(preset_file)
             pstages = pdoc.data.get("stages") if isinstance(pdoc.data, dict) else None
             if not isinstance(pstages, list):
                 raise RecipeError("a preset is a mapping with a `stages:` list", file=pdoc.file, line=1)
@@ -274,20 +175,9 @@ def load_recipe(
         recipe = Recipe.model_validate(rest)
     except ValidationError as e:
         err = e.errors()[0]
-        raise fail(tuple(err["loc"]), _msg(err)) from None
+        raise fail(tuple(err["loc"]), validation_message(err)) from None
     recipe.stages = stages
     return recipe
-
-
-def _msg(err: dict) -> str:
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif err["type"] == "missing":
-        msg = "required key is missing"
-    if "input" in err and err["type"] not in ("missing", "extra_forbidden") and not isinstance(err["input"], dict):
-        msg += f" (got {err['input']!r})"
-    return msg
 
 
 def _validate_stage(entry: Any, loc: tuple, fail) -> StageConfig:
@@ -301,7 +191,7 @@ def _validate_stage(entry: Any, loc: tuple, fail) -> StageConfig:
         return known[use].Config.model_validate(entry)
     except ValidationError as e:
         err = e.errors()[0]
-        raise fail(loc + tuple(err["loc"]), _msg(err)) from None
+        raise fail(loc + tuple(err["loc"]), validation_message(err)) from None
 
 
 def _expand(configs: list[StageConfig]) -> list[StageConfig]:
