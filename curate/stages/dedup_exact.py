@@ -13,8 +13,6 @@ Example::
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -25,22 +23,13 @@ from pydantic import Field
 from curate import rows
 from curate.errors import CurateError
 from curate.stages.base import GlobalStage, StageConfig
-from curate.stages.registry import register
 from curate.stages.image_hash import PIXEL_SHA256, hash_stage_for
+from curate.stages.registry import register
+from curate.text import normalise_caption
 
-_PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
-_SPACE = re.compile(r"\s+")
+__all__ = ["DedupExact", "DedupExactConfig", "normalise_caption"]  # normalise_caption: re-exported (curate/demo/world.py imports it from here)
 #: The column each ``by`` level compares.
 LEVEL_COLUMNS = {"image": rows.SHA256, "pixels": PIXEL_SHA256, "caption": rows.CAPTION, "url": rows.URL}
-
-
-def normalise_caption(text: str | None) -> str | None:
-    """Case-fold, strip accents-compatible forms, punctuation and extra spaces."""
-    if text is None:
-        return None
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = _SPACE.sub(" ", _PUNCT.sub(" ", text)).strip()
-    return text or None
 
 
 class DedupExactConfig(StageConfig):

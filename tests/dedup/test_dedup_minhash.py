@@ -14,7 +14,7 @@ from datasketch.lsh import _optimal_param
 from curate.dedup import minhash as mh
 from curate.recipe import load_recipe
 from curate.runner import run
-from curate.stages.dedup_exact import normalise_caption
+from curate.text import normalise_caption
 from curate.stages.dedup_minhash import DedupMinhash, DedupMinhashConfig
 from tests.conftest import jpeg_bytes
 
