@@ -138,10 +138,3 @@ class Source(ABC):
     @abstractmethod
     def read_shard(self, spec: dict[str, Any], batch_rows: int) -> Iterator[pa.Table]:
         """Yield the shard's rows in batches."""
-
-
-def make_source(config: SourceConfig) -> Source:
-    """Kept until curate/runner.py and curate/cli.py import :func:`curate.sources.registry.make_source`."""
-    from curate.sources.registry import make_source as _make_source
-
-    return _make_source(config)
