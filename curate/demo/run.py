@@ -3,7 +3,8 @@
 The demo needs no network and no data: it generates a world of rendered
 scenes with planted defects (:mod:`curate.demo.world`), serves it on
 127.0.0.1 (:mod:`curate.demo.server`), writes the URL list, runs
-``pipelines/demo.yaml`` with :func:`curate.runner.run`, and then — because the
+``pipelines/demo.yaml`` with :func:`curate.runner.run` (its ``clip_tags`` stage reads the
+world's tag vocabulary, which the demo writes as ``demo_vocabulary.txt``), and then — because the
 truth of every row is known — says how well each stage did.
 
 How a stage is graded
@@ -66,6 +67,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate import rows
+from curate.demo.scenes import write_vocabulary
 from curate.demo.server import DemoServer
 from curate.demo.world import (
     CATEGORIES,
@@ -74,7 +76,7 @@ from curate.demo.world import (
     DUPLICATE_CATEGORIES,
     generate_world,
 )
-from curate.errors import CurateError, OutputError
+from curate.errors import EnvironmentProblem, OutputError
 from curate.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ T = TypeVar("T")
 DEMO_RECIPE = "demo.yaml"
 DEFAULT_OUTPUT = "curate-demo"
 URLS_FILE = "demo_urls.parquet"
+VOCABULARY_FILE = "demo_vocabulary.txt"  # a clip_tags stage naming this file gets the world's vocabulary
 EVAL_FILE = "demo_eval.json"
 TRUTH_FILE = "demo_truth.parquet"
 
@@ -291,7 +294,7 @@ def demo_recipe_path() -> Path:
 
     path = bundled_path("pipelines", DEMO_RECIPE)
     if path is None:
-        raise CurateError(f"pipelines/{DEMO_RECIPE} is missing from this installation of curate")
+        raise EnvironmentProblem(f"pipelines/{DEMO_RECIPE} is missing from this installation of curate")
     return path
 
 
@@ -325,6 +328,7 @@ def run_demo(output: str | Path = DEFAULT_OUTPUT, *, samples: int = DEFAULT_SAMP
             urls_path = world.root / URLS_FILE
             pq.write_table(world.url_list(base_url), urls_path)
             r = load_recipe(recipe_path, overrides=overrides, input_path=str(urls_path), output_path=str(out))
+            _use_world_vocabulary(r.stages, write_vocabulary(world.root / VOCABULARY_FILE))
             t0 = time.perf_counter()
             manifest = run(r, overwrite=True, progress=progress)
             seconds["pipeline"] = time.perf_counter() - t0
@@ -350,6 +354,13 @@ def run_demo(output: str | Path = DEFAULT_OUTPUT, *, samples: int = DEFAULT_SAMP
             shutil.rmtree(tmp, ignore_errors=True)
     return DemoResult(output=out, manifest=manifest, evaluation=evaluation, seconds=seconds,
                       world_dir=Path(world_dir) if world_dir is not None else None)
+
+
+def _use_world_vocabulary(stages: Sequence[Any], path: Path) -> None:
+    """Point every ``clip_tags`` stage whose ``vocabulary`` is :data:`VOCABULARY_FILE` at the world's copy."""
+    for config in stages:
+        if config.use == "clip_tags" and config.vocabulary == VOCABULARY_FILE:
+            config.vocabulary = str(path)
 
 
 def read_ledger(output: Path, files: Iterable[str]) -> pa.Table:

@@ -1,6 +1,6 @@
 """Grade zero-shot tags (``clip_tags``) against the demo world's truth tags.
 
-The demo world knows every image's tags (:meth:`curate.demo.world.Scene.tags`), so
+The demo world knows every image's tags (:meth:`curate.demo.scenes.Scene.tags`), so
 the tags a run predicted — the ``clip_tags`` column of its ledger or Parquet shards
 — can be scored: micro precision and recall over all (row, tag) pairs, the same per
 tag type (colour, shape, object = colour-shape pair, background), and per type the
@@ -20,12 +20,13 @@ from typing import Any
 import pyarrow as pa
 
 from curate import rows
-from curate.stages.clip_tags import TAGS, demo_vocabulary_text, parse_vocabulary
+from curate.demo.scenes import vocabulary_text
+from curate.stages.clip_tags import TAGS, parse_vocabulary
 
 
 def tag_types() -> dict[str, str]:
-    """Demo tag → its type (the group of the ``demo`` vocabulary)."""
-    vocab = parse_vocabulary(demo_vocabulary_text(), source="demo")
+    """Demo tag → its type (its group in the demo's vocabulary file)."""
+    vocab = parse_vocabulary(vocabulary_text(), source="demo vocabulary")
     return {t: vocab.groups[g] for t, g in zip(vocab.tags, vocab.group_of, strict=True)}
 
 

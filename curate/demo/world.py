@@ -1,11 +1,11 @@
 """A synthetic image-text world whose truth is known: the demo's data and its answer key.
 
-Each sample is a rendered scene — one or two groups of 1-3 identical objects
-(one of :data:`SHAPES` in one of :data:`COLOURS`, small or large) on a plain
-:data:`BACKGROUNDS` colour — with an English caption that describes it. The
-concepts are few and drawn large and clean, so a tiny CLIP trained on CPU can
-learn them (matched vs. mismatched pairs, zero-shot tags from
-:func:`tag_vocabulary`).
+Each sample is a rendered scene (:mod:`curate.demo.scenes`) — one or two groups
+of 1-3 identical objects (one of six shapes in one of eight colours, small or
+large) on a plain background colour — with an English caption that describes it
+(:mod:`curate.demo.captions`). The concepts are few and drawn large and clean, so
+a tiny CLIP trained on CPU can learn them (matched vs. mismatched pairs,
+zero-shot tags from :func:`curate.demo.scenes.tag_vocabulary`).
 
 On top of the clean pairs the world plants the defects a web crawl has, one
 category per row (see :data:`DEFECT_RATES`): caption defects (mismatched,
@@ -41,16 +41,26 @@ import hashlib
 import io
 import json
 import logging
-import math
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from curate.demo.captions import (
+    CASE_EDITS,
+    JUNK_FIXED,
+    WORD_EDITS,
+    english_caption,
+    foreign_caption,
+    junk_caption,
+    normalise,
+)
+from curate.demo.scenes import Scene, encode, random_scene, render_scene, write_tags
 
 log = logging.getLogger(__name__)
 
@@ -62,29 +72,6 @@ TRUTH_FILE = "truth.parquet"
 INFO_FILE = "world.json"
 TAGS_FILE = "tags.txt"
 FILES_DIR = "files"
-
-# ------------------------------------------------------------------ concepts
-
-#: Object colours: eight hues far apart, so a small model separates them easily.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 35),
-    "orange": (245, 135, 20),
-    "yellow": (245, 215, 30),
-    "green": (35, 165, 60),
-    "blue": (35, 85, 225),
-    "purple": (135, 50, 180),
-    "pink": (245, 125, 190),
-    "brown": (125, 75, 35),
-}
-#: Backgrounds are neutral so they never share a name with an object colour.
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "white": (248, 248, 245),
-    "gray": (128, 128, 128),
-    "black": (18, 18, 18),
-}
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
-SIZES: tuple[str, ...] = ("small", "large")
-COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 
 #: Truth category of clean rows and of the originals of duplicate groups.
 CLEAN = "clean"
@@ -120,303 +107,6 @@ _BEHAVIOUR_OF = {"dead_link": "not_found", "corrupt_bytes": "corrupt", "slow_dri
 
 SOURCES = ("shop.example", "forum.example", "blog.example", "news.example", "wiki.example")
 _ROBOTS = ("noai", "noimageai", "noai, noimageai", "noindex, noai")
-
-_JUNK_FIXED = ("image", "nan", "untitled", "photo", "identicon", "captcha", "thumbnail", "null",
-               "placeholder", "img", "Untitled-1.png", "image.jpg", "no description")
-
-
-def _junk_generated(rng: random.Random) -> str:
-    kind = rng.randrange(4)
-    if kind == 0:
-        return f"IMG_{rng.randrange(10000):04d}.JPG"
-    if kind == 1:
-        return f"DSC{rng.randrange(10000):04d}"
-    if kind == 2:
-        return f"https://cdn.example.com/u/{rng.getrandbits(32):08x}.jpg"
-    shot = (f"Screenshot 20{rng.randrange(15, 24)}-0{rng.randrange(1, 10)}-1{rng.randrange(10)} "
-            f"at {rng.randrange(10, 24)}.{rng.randrange(10, 60)}.{rng.randrange(10, 60)}")
-    return shot + rng.choice(("", ".png"))
-
-
-# ------------------------------------------------------------------ scenes
-
-
-@dataclass(frozen=True)
-class SceneObject:
-    """``count`` identical objects: one shape, one colour, one size."""
-
-    shape: str
-    colour: str
-    count: int
-    size: str
-
-
-@dataclass(frozen=True)
-class Scene:
-    background: str
-    objects: tuple[SceneObject, ...]
-
-    @property
-    def pairs(self) -> frozenset[tuple[str, str]]:
-        return frozenset((o.colour, o.shape) for o in self.objects)
-
-    def tags(self) -> list[str]:
-        """The tags of :func:`tag_vocabulary` that are true of this scene, in vocabulary order."""
-        true = {o.colour for o in self.objects} | {o.shape for o in self.objects}
-        true |= {f"{o.colour} {o.shape}" for o in self.objects} | {f"{self.background} background"}
-        return [t for t in tag_vocabulary() if t in true]
-
-    def to_json(self) -> str:
-        return json.dumps([asdict(o) for o in self.objects], sort_keys=True)
-
-
-def tag_vocabulary() -> list[str]:
-    """Zero-shot tag vocabulary: colours, shapes, colour-shape pairs, backgrounds (fixed order)."""
-    tags = list(COLOURS) + list(SHAPES)
-    tags += [f"{c} {s}" for c in COLOURS for s in SHAPES]
-    tags += [f"{b} background" for b in BACKGROUNDS]
-    return tags
-
-
-def write_tags(path: str | Path) -> Path:
-    """Write :func:`tag_vocabulary` one tag a line (the file a zero-shot tagger reads)."""
-    p = Path(path)
-    p.write_text("\n".join(tag_vocabulary()) + "\n", encoding="utf-8")
-    return p
-
-
-def random_scene(rng: random.Random, *, avoid: frozenset[tuple[str, str]] = frozenset()) -> Scene:
-    """One or two object groups (distinct colour-shape pairs, none in ``avoid``) on a background."""
-    n_groups = 1 if rng.random() < 0.6 else 2
-    objects: list[SceneObject] = []
-    used: set[tuple[str, str]] = set()
-    while len(objects) < n_groups:
-        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        if (colour, shape) in used or (colour, shape) in avoid:
-            continue
-        used.add((colour, shape))
-        count = rng.choices((1, 2, 3), weights=(5, 3, 2))[0]
-        objects.append(SceneObject(shape=shape, colour=colour, count=count, size=rng.choice(SIZES)))
-    return Scene(background=rng.choice(list(BACKGROUNDS)), objects=tuple(objects))
-
-
-# ------------------------------------------------------------------ captions
-
-_PLURAL_EN = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
-_STYLE_PREFIX = ("a drawing of", "an illustration of", "clip art of", "a simple graphic of",
-                 "a sticker showing", "a flat icon of", "a picture of", "a poster with")
-_STYLE_SUFFIX = ("", "", "", " in flat style", ", vector art", ", minimal design", ", simple shapes",
-                 " for kids", " wallpaper", ", digital art")
-
-
-def _object_phrase(o: SceneObject, with_size: bool) -> str:
-    shape = o.shape if o.count == 1 else _PLURAL_EN[o.shape]
-    words = [COUNT_WORDS[o.count]]
-    if with_size:
-        words.append(o.size)
-    words += [o.colour, shape]
-    phrase = " ".join(words)
-    if o.count == 1 and words[1][0] in "aeiou":
-        phrase = "an" + phrase[1:]
-    return phrase
-
-
-def english_caption(scene: Scene, rng: random.Random) -> str:
-    """A varied English description of ``scene`` (every template names every object and colour)."""
-    with_size = rng.random() < 0.3
-    objs = [_object_phrase(o, with_size) for o in scene.objects]
-    joined = objs[0] if len(objs) == 1 else rng.choice([f"{objs[0]} and {objs[1]}",
-                                                        f"{objs[0]} next to {objs[1]}",
-                                                        f"{objs[0]} with {objs[1]}"])
-    bg = scene.background
-    template = rng.randrange(7)
-    if template == 0:
-        text = f"{joined} on a {bg} background"
-    elif template == 1:
-        text = joined
-    elif template == 2:
-        text = f"{rng.choice(_STYLE_PREFIX)} {joined} on {bg}"
-    elif template == 3:
-        text = f"{bg} background with {joined}"
-    elif template == 4:
-        verb = "is" if scene.objects[0].count == 1 else "are"
-        text = f"there {verb} {joined} on a {bg} background"
-    elif template == 5:
-        text = f"{rng.choice(_STYLE_PREFIX)} {joined}, {bg} background"
-    else:
-        text = f"{joined} against a plain {bg} backdrop"
-    return text + rng.choice(_STYLE_SUFFIX)
-
-
-# German, French and Spanish descriptions: the same scene, grammatical enough for a
-# language identifier, in other languages (the language filter's job, not the CLIP filter's).
-_DE_SHAPES = {"circle": ("Kreis", "Kreise", "m"), "square": ("Quadrat", "Quadrate", "n"),
-              "triangle": ("Dreieck", "Dreiecke", "n"), "star": ("Stern", "Sterne", "m"),
-              "cross": ("Kreuz", "Kreuze", "n"), "diamond": ("Raute", "Rauten", "f")}
-_DE_COLOURS = {"red": "Rot", "orange": "Orange", "yellow": "Gelb", "green": "Grün", "blue": "Blau",
-               "purple": "Lila", "pink": "Rosa", "brown": "Braun"}
-_DE_BG = {"white": "weißem", "gray": "grauem", "black": "schwarzem"}
-_FR_SHAPES = {"circle": ("cercle", "cercles", "m"), "square": ("carré", "carrés", "m"),
-              "triangle": ("triangle", "triangles", "m"), "star": ("étoile", "étoiles", "f"),
-              "cross": ("croix", "croix", "f"), "diamond": ("losange", "losanges", "m")}
-_FR_COLOURS = {"red": ("rouge", "rouge"), "orange": ("orange", "orange"), "yellow": ("jaune", "jaune"),
-               "green": ("vert", "verte"), "blue": ("bleu", "bleue"), "purple": ("violet", "violette"),
-               "pink": ("rose", "rose"), "brown": ("marron", "marron")}
-_FR_BG = {"white": "blanc", "gray": "gris", "black": "noir"}
-_ES_SHAPES = {"circle": ("círculo", "círculos", "m"), "square": ("cuadrado", "cuadrados", "m"),
-              "triangle": ("triángulo", "triángulos", "m"), "star": ("estrella", "estrellas", "f"),
-              "cross": ("cruz", "cruces", "f"), "diamond": ("rombo", "rombos", "m")}
-_ES_COLOURS = {"red": ("rojo", "roja", "rojos", "rojas"), "orange": ("naranja", "naranja", "naranjas", "naranjas"),
-               "yellow": ("amarillo", "amarilla", "amarillos", "amarillas"),
-               "green": ("verde", "verde", "verdes", "verdes"), "blue": ("azul", "azul", "azules", "azules"),
-               "purple": ("morado", "morada", "morados", "moradas"), "pink": ("rosa", "rosa", "rosas", "rosas"),
-               "brown": ("marrón", "marrón", "marrones", "marrones")}
-_ES_BG = {"white": "blanco", "gray": "gris", "black": "negro"}
-
-
-def _de(o: SceneObject) -> str:
-    sing, plur, gender = _DE_SHAPES[o.shape]
-    count = {1: "eine" if gender == "f" else "ein", 2: "zwei", 3: "drei"}[o.count]
-    return f"{count} {sing if o.count == 1 else plur} in {_DE_COLOURS[o.colour]}"
-
-
-def _fr(o: SceneObject) -> str:
-    sing, plur, gender = _FR_SHAPES[o.shape]
-    adj = _FR_COLOURS[o.colour][1 if gender == "f" else 0]
-    if o.count > 1 and not adj.endswith("s") and o.colour not in ("orange", "brown"):
-        adj += "s"
-    count = {1: "une" if gender == "f" else "un", 2: "deux", 3: "trois"}[o.count]
-    return f"{count} {sing if o.count == 1 else plur} {adj}"
-
-
-def _es(o: SceneObject) -> str:
-    sing, plur, gender = _ES_SHAPES[o.shape]
-    forms = _ES_COLOURS[o.colour]
-    adj = forms[(2 if o.count > 1 else 0) + (1 if gender == "f" else 0)]
-    count = {1: "una" if gender == "f" else "un", 2: "dos", 3: "tres"}[o.count]
-    return f"{count} {sing if o.count == 1 else plur} {adj}"
-
-
-def foreign_caption(scene: Scene, rng: random.Random) -> tuple[str, str]:
-    """(caption, language) describing ``scene`` in German, French or Spanish."""
-    lang = rng.choice(("de", "fr", "es"))
-    if lang == "de":
-        objs = " und ".join(_de(o) for o in scene.objects)
-        text = rng.choice([f"Ein Bild mit {objs} auf {_DE_BG[scene.background]} Hintergrund",
-                           f"Hier sieht man {objs} auf {_DE_BG[scene.background]} Hintergrund",
-                           f"Eine einfache Zeichnung: {objs} vor {_DE_BG[scene.background]} Hintergrund"])
-    elif lang == "fr":
-        objs = " et ".join(_fr(o) for o in scene.objects)
-        text = rng.choice([f"Une image avec {objs} sur fond {_FR_BG[scene.background]}",
-                           f"On voit {objs} sur un fond {_FR_BG[scene.background]}",
-                           f"Un dessin simple de {objs} sur fond {_FR_BG[scene.background]}"])
-    else:
-        objs = " y ".join(_es(o) for o in scene.objects)
-        text = rng.choice([f"Una imagen con {objs} sobre fondo {_ES_BG[scene.background]}",
-                           f"Se ven {objs} sobre un fondo {_ES_BG[scene.background]}",
-                           f"Un dibujo sencillo de {objs} sobre fondo {_ES_BG[scene.background]}"])
-    return text[0].upper() + text[1:], lang
-
-
-_CASE_EDITS: tuple[Callable[[str], str], ...] = (
-    lambda c: c[0].upper() + c[1:] + ".",
-    lambda c: c.upper(),
-    lambda c: c.title(),
-    lambda c: c + "!",
-    lambda c: "  " + c.replace(" ", "  ", 1) + " ",
-    lambda c: c.replace(",", " -") + "...",
-)
-_WORD_EDITS: tuple[Callable[[str], str], ...] = (
-    lambda c: c + " hd",
-    lambda c: c + " (2)",
-    lambda c: "cute " + c,
-    lambda c: c + " image",
-    lambda c: "new " + c,
-    lambda c: c + " - free download",
-    lambda c: c + " 4k",
-    lambda c: "stock photo: " + c,
-)
-
-
-def normalise(caption: str | None) -> str:
-    """Casefold and strip punctuation/extra spaces: the form exact caption dedup compares."""
-    from curate.stages.dedup_exact import normalise_caption
-
-    return normalise_caption(caption) or ""
-
-
-# ------------------------------------------------------------------ rendering
-
-_SUPERSAMPLE = 2  # draw at 2× and downsample: smooth edges without a dependency on aggdraw
-
-
-def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
-    if shape == "triangle":
-        return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)]
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + r * 0.7, cy), (cx, cy + r), (cx - r * 0.7, cy)]
-    if shape == "star":
-        pts = []
-        for i in range(10):
-            a = -math.pi / 2 + i * math.pi / 5
-            rr = r if i % 2 == 0 else r * 0.42
-            pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
-        return pts
-    if shape == "cross":
-        w = r * 0.36
-        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
-                (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
-                (cx - r, cy - w), (cx - w, cy - w)]
-    return None
-
-
-def render_scene(scene: Scene, width: int, height: int, rng: random.Random) -> Image.Image:
-    """Draw the scene's objects in distinct cells of a grid so they never overlap."""
-    s = _SUPERSAMPLE
-    img = Image.new("RGB", (width * s, height * s), BACKGROUNDS[scene.background])
-    draw = ImageDraw.Draw(img)
-    items = [o for o in scene.objects for _ in range(o.count)]
-    n = len(items)
-    aspect = width / height
-    rows_ = 1 if aspect >= 2.5 or (n <= 2 and aspect >= 1.2) else 2
-    cols = max(math.ceil(n / rows_), round(rows_ * aspect))
-    if aspect < 1 / 1.2:
-        rows_, cols = max(math.ceil(n / 2), round(2 / aspect)), 2
-    cells = rng.sample(range(rows_ * cols), n)
-    cw, ch = width * s / cols, height * s / rows_
-    for obj, cell in zip(items, cells, strict=True):
-        r = min(cw, ch) * (0.42 if obj.size == "large" else 0.27)
-        slack_x, slack_y = cw / 2 - r, ch / 2 - r
-        cx = (cell % cols + 0.5) * cw + rng.uniform(-slack_x, slack_x) * 0.8
-        cy = (cell // cols + 0.5) * ch + rng.uniform(-slack_y, slack_y) * 0.8
-        colour = COLOURS[obj.colour]
-        if obj.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-        elif obj.shape == "square":
-            q = r * 0.82
-            draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=colour)
-        else:
-            draw.polygon(_shape_polygon(obj.shape, cx, cy, r), fill=colour)
-    return img.reduce(s)  # box-average 2×2 blocks: smooth edges, ~20× faster than LANCZOS
-
-
-def encode(img: Image.Image, fmt: str, *, quality: int = 90) -> bytes:
-    """``jpeg``, ``png`` or ``png_rgba`` (opaque scene inside a transparent 4-px frame)."""
-    buf = io.BytesIO()
-    if fmt == "jpeg":
-        img.convert("RGB").save(buf, "JPEG", quality=quality)
-    elif fmt == "png":
-        img.convert("RGB").save(buf, "PNG", optimize=False)
-    elif fmt == "png_rgba":
-        rgba = img.convert("RGBA")
-        alpha = Image.new("L", rgba.size, 0)
-        ImageDraw.Draw(alpha).rectangle([4, 4, rgba.width - 5, rgba.height - 5], fill=255)
-        rgba.putalpha(alpha)
-        rgba.save(buf, "PNG", optimize=False)
-    else:
-        raise ValueError(f"unknown image format {fmt!r}; expected jpeg, png or png_rgba")
-    return buf.getvalue()
-
 
 def captioned_scenes(n: int, seed: int, width: int = 320, height: int = 256) -> list[tuple[bytes, str, Scene]]:
     """``n`` clean matched pairs: (JPEG of a random scene, its English caption, the scene) — the
@@ -653,7 +343,7 @@ def _plan_rows(rng: random.Random, counts: dict[str, int]) -> list[_Row]:
                             edit=f"{kind} to {w}x{h}" + (f" q{quality}" if "reencode" in kind else ""))
             else:
                 # Same scene drawn again (a different image), the original's caption slightly edited.
-                edits = _CASE_EDITS if category == "caption_duplicate" else _WORD_EDITS
+                edits = CASE_EDITS if category == "caption_duplicate" else WORD_EDITS
                 k = rng.randrange(len(edits))
                 cap = edits[k](orig.caption or "")
                 if category == "caption_near_duplicate":
@@ -672,7 +362,7 @@ def _plan_rows(rng: random.Random, counts: dict[str, int]) -> list[_Row]:
         body, w, h = image(scene, _normal_size(rng), fmt)
         rows.append(_Row("mismatched_caption", scene, cap, "en", False, w, h, fmt, body))
     for i in range(counts["junk_caption"]):
-        cap = _JUNK_FIXED[i % len(_JUNK_FIXED)] if i % 2 == 0 else _junk_generated(rng)
+        cap = JUNK_FIXED[i % len(JUNK_FIXED)] if i % 2 == 0 else junk_caption(rng)
         rows.append(plain("junk_caption", caption=cap, lang=None, matches=False))
     for _ in range(counts["non_english"]):
         for _attempt in range(200):  # unique too: caption dedup must not be what removes them

@@ -18,8 +18,10 @@ reaches precision 0.34 at recall 0.33; the same model with one softmax per group
 Vocabulary file (``vocabulary: path``): one tag a line; blank lines and ``#``
 comments are ignored; a line ``[name]`` starts a group. Tags before any header
 form one group, so a plain list of tags (e.g. the demo world's ``tags.txt``) is
-ordinary single-softmax zero-shot classification. ``vocabulary: demo`` is the
-demo world's vocabulary with its four groups.
+ordinary single-softmax zero-shot classification. ``curate demo`` writes the demo
+world's vocabulary with its four groups as ``demo_vocabulary.txt``. A vocabulary
+file that is not there is an :class:`~curate.errors.EnvironmentProblem`; one that
+is wrong (a tag twice, an empty group) a :class:`~curate.errors.RecipeError` at its line.
 
 Columns (dropped rows get nulls):
 
@@ -65,7 +67,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from curate import rows
-from curate.errors import CurateError
+from curate.errors import EnvironmentProblem, RecipeError
 from curate.models.clip import preprocess_images
 from curate.stages.base import Resources, Stage, StageConfig, StageContext, StageResult
 from curate.stages.registry import register
@@ -81,7 +83,6 @@ RECAPTION_MODEL = "recaption_model"
 FUSED = "fused_caption"
 TRAIN_CAPTION = "train_caption"
 
-DEMO_VOCABULARY = "demo"
 DEFAULT_GROUP = ""  # tags before any [group] header
 DEFAULT_TEMPLATES = ("a photo of {tag}",)  # CLIP's own zero-shot prompt; ensembles average several
 TAG_SEPARATOR = ", "
@@ -104,7 +105,7 @@ class Vocabulary:
             return self
         unknown = [g for g in groups if g not in self.groups]
         if unknown:
-            raise CurateError(f"clip_tags: groups {unknown} are not in {self.source} "
+            raise RecipeError(f"clip_tags: groups {unknown} are not in {self.source} "
                               f"(it has: {', '.join(g or '(no header)' for g in self.groups)})")
         keep = [i for i, g in enumerate(self.group_of) if self.groups[g] in groups]
         names = tuple(g for g in self.groups if g in groups)
@@ -133,13 +134,13 @@ def parse_vocabulary(text: str, *, source: str) -> Vocabulary:
         if header:
             name = header.group(1).strip()
             if name in groups:
-                raise CurateError(f"{source}:{lineno}: group [{name}] appears twice")
+                raise RecipeError(f"group [{name}] appears twice", file=source, line=lineno)
             groups.append(name)
             current = len(groups) - 1
             continue
         tag = " ".join(line.split())
         if tag in seen:
-            raise CurateError(f"{source}:{lineno}: tag {tag!r} is already on line {seen[tag]}")
+            raise RecipeError(f"tag {tag!r} is already on line {seen[tag]}", file=source, line=lineno)
         if current is None:
             groups.append(DEFAULT_GROUP)
             current = len(groups) - 1
@@ -147,27 +148,15 @@ def parse_vocabulary(text: str, *, source: str) -> Vocabulary:
         tags.append(tag)
         group_of.append(current)
     if not tags:
-        raise CurateError(f"{source}: the tag vocabulary is empty (one tag a line expected)")
+        raise RecipeError("the tag vocabulary is empty (one tag a line expected)", file=source)
     empty = [g for i, g in enumerate(groups) if i not in set(group_of)]
     if empty:
-        raise CurateError(f"{source}: group [{empty[0]}] has no tags")
+        raise RecipeError(f"group [{empty[0]}] has no tags", file=source)
     return Vocabulary(tuple(tags), tuple(groups), tuple(group_of), source)
 
 
-def demo_vocabulary_text() -> str:
-    """The demo world's tag vocabulary (:func:`curate.demo.world.tag_vocabulary`) with its groups."""
-    from curate.demo.world import BACKGROUNDS, COLOURS, SHAPES
-
-    parts = [("colour", list(COLOURS)), ("shape", list(SHAPES)),
-             ("object", [f"{c} {s}" for c in COLOURS for s in SHAPES]),
-             ("background", [f"{b} background" for b in BACKGROUNDS])]
-    return "".join(f"[{name}]\n" + "".join(t + "\n" for t in tags) for name, tags in parts)
-
-
 def load_vocabulary(path: str) -> Vocabulary:
-    """Read a vocabulary file (any fsspec path) or the built-in ``demo`` one."""
-    if path == DEMO_VOCABULARY:
-        return parse_vocabulary(demo_vocabulary_text(), source="vocabulary: demo")
+    """Read a vocabulary file (any fsspec path)."""
     import fsspec
 
     try:
@@ -175,9 +164,9 @@ def load_vocabulary(path: str) -> Vocabulary:
                          encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError as e:
-        raise CurateError(f"clip_tags: vocabulary file not found: {path}") from e
+        raise EnvironmentProblem(f"clip_tags: vocabulary file not found: {path}") from e
     except UnicodeDecodeError as e:
-        raise CurateError(f"clip_tags: vocabulary {path} is not UTF-8 text: {e}") from e
+        raise RecipeError(f"clip_tags: vocabulary {path} is not UTF-8 text: {e}") from e
     return parse_vocabulary(text, source=path)
 
 
@@ -217,8 +206,8 @@ class ClipTagsConfig(StageConfig):
     use: Literal["clip_tags"] = "clip_tags"
     model: str = Field("ViT-B-32", description="open_clip architecture, or curate-demo-clip.")
     pretrained: str | None = Field("datacomp_xl_s13b_b90k", description="Pretrained tag or checkpoint path.")
-    vocabulary: str = Field(description="Tag file: one tag a line, `[group]` headers, `#` comments; "
-                                        "or `demo` for the demo world's vocabulary.")
+    vocabulary: str = Field(description="Tag file (any fsspec path): one tag a line, `[group]` headers, "
+                                        "`#` comments.")
     templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES), min_length=1,
                                  description="Prompt templates with `{tag}`; embeddings are averaged.")
     groups: list[str] | None = Field(None, min_length=1, description="Use only these [group]s of the "

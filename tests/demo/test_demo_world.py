@@ -10,6 +10,8 @@ from collections import Counter
 import pytest
 from PIL import Image
 
+from curate.demo.captions import normalise
+from curate.demo.scenes import tag_vocabulary
 from curate.demo.world import (
     CATEGORIES,
     CLEAN,
@@ -18,8 +20,6 @@ from curate.demo.world import (
     World,
     category_counts,
     generate_world,
-    normalise,
-    tag_vocabulary,
 )
 
 

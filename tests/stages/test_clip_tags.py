@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.stages.base import StageContext
 from curate.demo.tags_eval import tag_accuracy
-from curate.errors import CurateError, RecipeError
+from curate.errors import EnvironmentProblem, RecipeError
 from curate.recipe import load_recipe
 from curate.runner import run
+from curate.stages.base import StageContext
 from curate.stages.clip_tags import (
     ClipTags,
     ClipTagsConfig,
@@ -28,7 +28,20 @@ from curate.stages.clip_tags import (
 COLOUR_PRECISION_FLOOR = 0.95
 BACKGROUND_TOP1_FLOOR = 0.95
 PRECISION_FLOOR = 0.8
-DEMO_OPTIONS = {"model": "curate-demo-clip", "vocabulary": "demo", "templates": ["a {tag}"], "min_prob": 0.5}
+DEMO_OPTIONS = {"model": "curate-demo-clip", "templates": ["a {tag}"], "min_prob": 0.5}  # + the demo's vocabulary
+
+
+@pytest.fixture(scope="module")
+def demo_vocab(tmp_path_factory) -> str:
+    """The demo world's vocabulary file, as `curate demo` writes it (four groups)."""
+    from curate.demo.scenes import write_vocabulary
+
+    return str(write_vocabulary(tmp_path_factory.mktemp("vocab") / "demo_vocabulary.txt"))
+
+
+@pytest.fixture
+def demo_options(demo_vocab) -> dict:
+    return {**DEMO_OPTIONS, "vocabulary": demo_vocab}
 
 
 def _scenes(n: int, seed: int):
@@ -58,32 +71,32 @@ def test_vocabulary_file_format_and_errors(tmp_path):
     assert v.group_members() == [[0, 1], [2]]
     plain = parse_vocabulary("cat\ndog\n", source="p.txt")
     assert plain.groups == ("",) and plain.group_of == (0, 0)
-    with pytest.raises(CurateError, match=r"v\.txt:3: tag 'red' is already on line 1"):
+    with pytest.raises(RecipeError, match=r"v\.txt:3: tag 'red' is already on line 1"):
         parse_vocabulary("red\nblue\nred\n", source="v.txt")
-    with pytest.raises(CurateError, match=r"group \[b\] has no tags"):
+    with pytest.raises(RecipeError, match=r"group \[b\] has no tags"):
         parse_vocabulary("[a]\nx\n[b]\n", source="v.txt")
-    with pytest.raises(CurateError, match="empty"):
+    with pytest.raises(RecipeError, match="empty"):
         parse_vocabulary("# nothing\n\n", source="v.txt")
-    with pytest.raises(CurateError, match="vocabulary file not found: .*nope.txt"):
+    with pytest.raises(EnvironmentProblem, match="vocabulary file not found: .*nope.txt"):
         load_vocabulary(str(tmp_path / "nope.txt"))
 
 
-def test_demo_vocabulary_is_the_worlds():
-    from curate.demo.world import tag_vocabulary
+def test_demo_vocabulary_is_the_worlds(demo_vocab):
+    from curate.demo.scenes import tag_vocabulary
 
-    v = load_vocabulary("demo")
+    v = load_vocabulary(demo_vocab)
     assert list(v.tags) == tag_vocabulary()
     assert v.groups == ("colour", "shape", "object", "background")
 
 
-def test_groups_option_restricts_the_vocabulary():
-    v = load_vocabulary("demo").only(["background", "colour"])
+def test_groups_option_restricts_the_vocabulary(demo_vocab):
+    v = load_vocabulary(demo_vocab).only(["background", "colour"])
     assert v.groups == ("colour", "background")  # file order, not option order
     assert {v.groups[g] for g in v.group_of} == {"colour", "background"}
     assert "red" in v.tags and not any(" " in t and "background" not in t for t in v.tags)
     assert sum(len(m) for m in v.group_members()) == len(v.tags)
-    with pytest.raises(CurateError, match="shapez"):
-        load_vocabulary("demo").only(["shapez"])
+    with pytest.raises(RecipeError, match="shapez"):
+        load_vocabulary(demo_vocab).only(["shapez"])
 
 
 def test_composition_and_fusion_rules():
@@ -97,13 +110,13 @@ def test_composition_and_fusion_rules():
     assert fuse(None, [], recaption=None, template=tmpl) is None
 
 
-def test_mode_picks_the_training_caption():
+def test_mode_picks_the_training_caption(demo_options):
     scenes = _scenes(6, seed=4)
     batch = _batch(scenes)
     out = {}
     for mode, both in (("original", "alternate"), ("recaption", "alternate"), ("both", "join"),
                        ("both", "alternate")):
-        stage = ClipTags(ClipTagsConfig(**DEMO_OPTIONS, mode=mode, both=both, join_separator=" | "))
+        stage = ClipTags(ClipTagsConfig(**demo_options, mode=mode, both=both, join_separator=" | "))
         stage.setup(StageContext())
         out[mode, both] = stage(batch).to_pylist()
     for i, row in enumerate(out["original", "alternate"]):
@@ -116,22 +129,22 @@ def test_mode_picks_the_training_caption():
 
 def test_bad_options_name_the_recipe_line(make_recipe, tmp_path):
     recipe = make_recipe({"source": {"path": str(tmp_path)},
-                          "stages": [{"use": "clip_tags", "vocabulary": "demo", "templates": ["a photo"]}]})
+                          "stages": [{"use": "clip_tags", "vocabulary": "tags.txt", "templates": ["a photo"]}]})
     with pytest.raises(RecipeError) as e:
         load_recipe(recipe)
     assert "recipe.yaml:" in str(e.value) and "stages[0].templates" in str(e.value) and "{tag}" in str(e.value)
     with pytest.raises(ValueError, match="fuse_template"):
-        ClipTagsConfig(vocabulary="demo", fuse_template="{tags}")
+        ClipTagsConfig(vocabulary="tags.txt", fuse_template="{tags}")
 
 
-def test_groups_beat_one_softmax_on_demo_scenes(tmp_path):
+def test_groups_beat_one_softmax_on_demo_scenes(tmp_path, demo_options):
     """The reason for groups: with one softmax over all 65 tags the 48 pair tags crowd out the rest."""
-    from curate.demo.world import write_tags
+    from curate.demo.scenes import write_tags
 
     scenes = _scenes(80, seed=31)
-    grouped = ClipTags(ClipTagsConfig(**DEMO_OPTIONS))
+    grouped = ClipTags(ClipTagsConfig(**demo_options))
     grouped.setup(StageContext())
-    flat = ClipTags(ClipTagsConfig(**{**DEMO_OPTIONS, "vocabulary": str(write_tags(tmp_path / "tags.txt")),
+    flat = ClipTags(ClipTagsConfig(**{**demo_options, "vocabulary": str(write_tags(tmp_path / "tags.txt")),
                                       "min_prob": 0.05}))
     flat.setup(StageContext())
     acc_grouped = tag_accuracy(grouped(_batch(scenes)), _truth(scenes))
@@ -142,7 +155,7 @@ def test_groups_beat_one_softmax_on_demo_scenes(tmp_path):
     assert acc_grouped["by_type"]["background"]["top1_accuracy"] >= BACKGROUND_TOP1_FLOOR
 
 
-def test_clip_tags_end_to_end(tmp_path, make_recipe, ray_session):
+def test_clip_tags_end_to_end(tmp_path, make_recipe, ray_session, demo_options):
     scenes = _scenes(40, seed=11)
     images = [s[0] for s in scenes] + [b"\xff\xd8\xff not really a jpeg", scenes[0][0]]
     captions = [s[1] for s in scenes] + ["a corrupt image here", "no"]  # the last: caption_length drops it
@@ -152,7 +165,7 @@ def test_clip_tags_end_to_end(tmp_path, make_recipe, ray_session):
     recipe = make_recipe({
         "source": {"path": str(tmp_path / "src.parquet"), "key_col": "key"},
         "stages": [{"use": "caption_length", "min_words": 2},
-                   {"use": "clip_tags", **DEMO_OPTIONS, "resources": {"num_gpus": 0}}],
+                   {"use": "clip_tags", **demo_options, "resources": {"num_gpus": 0}}],
         "write": {"output": str(tmp_path / "out"), "caption_column": "train_caption"}})
     m = run(load_recipe(recipe))
     assert m.counts.input == 42 and m.counts.kept == 40
@@ -174,7 +187,7 @@ def test_clip_tags_end_to_end(tmp_path, make_recipe, ray_session):
     assert all(r["clip_tags"] and len(r["clip_tags"]) == len(r["clip_tag_scores"]) for r in kept)
     assert all(r["clip_tag_scores"] == sorted(r["clip_tag_scores"], reverse=True) for r in kept)
     assert all(min(r["clip_tag_scores"]) >= 0.5 for r in kept)
-    assert {r["recaption_model"] for r in kept} == {"clip_tags:curate-demo-clip/demo+demo"}
+    assert {r["recaption_model"] for r in kept} == {"clip_tags:curate-demo-clip/demo+demo_vocabulary.txt"}
     assert all(r["fused_caption"].startswith(r["caption"]) for r in kept)
     assert all(r["train_caption"] == r["fused_caption"] for r in kept)  # mode: fuse, the default
     assert any(r["fused_caption"] != r["caption"] for r in kept)
