@@ -8,6 +8,7 @@ import random
 from collections.abc import Callable
 
 from curate.demo.scenes import COUNT_WORDS, SHAPES, Scene, SceneObject
+from curate.text import normalise_caption
 
 _PLURAL_EN = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
 _STYLE_PREFIX = ("a drawing of", "an illustration of", "clip art of", "a simple graphic of",
@@ -147,8 +148,6 @@ WORD_EDITS: tuple[Callable[[str], str], ...] = (
 
 def normalise(caption: str | None) -> str:
     """Casefold and strip punctuation/extra spaces: the form exact caption dedup compares."""
-    from curate.stages.dedup_exact import normalise_caption
-
     return normalise_caption(caption) or ""
 
 
