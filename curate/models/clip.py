@@ -4,10 +4,11 @@
 
 - an open_clip architecture and pretrained tag (``ViT-B-32``, ``datacomp_xl_s13b_b90k``), taken
   from the local Hugging Face / open_clip cache — never fetched silently: when it is not cached
-  and the hub cannot be reached, :class:`~curate.errors.CurateError` says what is missing and
-  how to provide it;
+  and the hub cannot be reached, :class:`~curate.errors.EnvironmentProblem` says what is missing
+  and how to provide it (a model name or tag that does not exist is a
+  :class:`~curate.errors.RecipeError`);
 - an architecture and a local checkpoint file (``pretrained: /models/vit-l-14-dfn.pt``);
-- ``curate-demo-clip``: a tiny CLIP trained by :mod:`curate.models.train_demo_clip` on the demo
+- ``curate-demo-clip``: a tiny CLIP trained by :mod:`curate.demo.train_clip` on the demo
   world, shipped in ``curate/models/weights/``, loaded through the same
   ``open_clip.create_model_and_transforms`` call as any checkpoint (a custom model config
   registered with ``open_clip.add_model_config`` plus a local file).
@@ -20,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from curate.errors import CurateError
+from curate.errors import EnvironmentProblem, RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -44,30 +45,37 @@ def resolve_checkpoint(model: str, pretrained: str | None) -> str | None:
 
     register_configs()
     if model not in open_clip.list_models():
-        raise CurateError(
+        raise RecipeError(
             f"unknown open_clip model {model!r}; see open_clip.list_models() "
             f"(e.g. ViT-B-32, ViT-L-14) or use {DEMO_MODEL!r}")
     if model == DEMO_MODEL and pretrained in (None, "", "demo"):
         if not DEMO_WEIGHTS.exists():
-            raise CurateError(f"the demo CLIP checkpoint {DEMO_WEIGHTS} is missing; "
-                              "train it with `python -m curate.models.train_demo_clip`")
+            raise EnvironmentProblem(f"the demo CLIP checkpoint {DEMO_WEIGHTS} is missing; "
+                                     "train it with `python -m curate.demo.train_clip`")
         return str(DEMO_WEIGHTS)
     if pretrained in (None, ""):
-        raise CurateError(f"clip model {model!r} needs `pretrained:` (a tag such as "
+        raise RecipeError(f"clip model {model!r} needs `pretrained:` (a tag such as "
                           f"{_tags(model)[:3]} or a local checkpoint path); random weights are never used")
     if os.path.exists(os.path.expanduser(pretrained)):
         return os.path.expanduser(pretrained)
     if pretrained not in _tags(model):
-        raise CurateError(f"{pretrained!r} is neither a file nor a pretrained tag of {model!r} "
-                          f"(tags: {', '.join(_tags(model)) or 'none'})")
+        # a checkpoint file this machine lacks, or a tag that does not exist (a recipe mistake)
+        kind = EnvironmentProblem if _looks_like_path(pretrained) else RecipeError
+        raise kind(f"{pretrained!r} is neither a file nor a pretrained tag of {model!r} "
+                   f"(tags: {', '.join(_tags(model)) or 'none'})")
     cfg = open_clip.get_pretrained_cfg(model, pretrained)
     if not _cached(cfg):
-        raise CurateError(
+        raise EnvironmentProblem(
             f"CLIP checkpoint {model}/{pretrained} is not in the local cache and this machine cannot "
             "download it. On a machine with internet run "
             f"`python -c \"import open_clip; open_clip.create_model_and_transforms('{model}', pretrained='{pretrained}')\"` "
             "and copy ~/.cache/huggingface (or set HF_HOME) here, or set `pretrained:` to a local checkpoint file.")
     return pretrained
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    """A checkpoint file rather than a tag: tags are bare names such as ``datacomp_xl_s13b_b90k``."""
+    return "/" in pretrained or os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
 def _tags(model: str) -> list[str]:
