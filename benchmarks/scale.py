@@ -25,8 +25,8 @@ short captions, German/French/Spanish captions, exact caption copies and near co
 once; each row's bytes made unique by a JPEG comment holding its index), a few
 8×8 (too small) and 120×30 (too elongated), some exact image copies.
 
-Memory is sampled every ``--interval`` s by a thread of this process, over the
-``curate`` process and all its descendants (Ray's GCS, raylet — which holds the
+Memory is sampled every ``--interval`` s by a thread of this process
+(``_harness.TreeMonitor``), over the ``curate`` process and all its descendants (Ray's GCS, raylet — which holds the
 object store, shared memory in /dev/shm — agents and workers):
 
 - **driver**: RSS of the ``curate`` process (the Ray driver: planning, Ray Data's
@@ -51,19 +51,16 @@ import argparse
 import io
 import json
 import logging
-import os
 import random
 import shutil
-import subprocess
-import sys
-import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _harness import ToolFailed, describe_timings, run_curate
 
 log = logging.getLogger("scale")
 
@@ -250,123 +247,7 @@ runtime:
 """
 
 
-# ------------------------------------------------------------------ memory sampling
-
-
-#: smaps_rollup fields read per process (kB).
-_ROLLUP_FIELDS = (b"Rss:", b"Pss:", b"Pss_Shmem:")
-
-
-def _rollup(pid: int) -> dict[bytes, int] | None:
-    """Rss, Pss and Pss_Shmem of a process in bytes (None if it has exited)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    out = {}
-    for line in data.splitlines():
-        for name in _ROLLUP_FIELDS:
-            if line.startswith(name):
-                out[name] = int(line.split()[1]) * 1024
-    return out
-
-
-def _plasma_bytes(pid: int) -> int:
-    """Bytes allocated in the object store's shared-memory file, which the raylet keeps open.
-
-    The file is unlinked from /dev/shm right after it is created, so it is reached
-    through the raylet's file descriptor; its allocated blocks are the pages the
-    store has touched (freed objects' pages stay allocated for reuse).
-    """
-    total = 0
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if "/plasma" in os.readlink(f"/proc/{pid}/fd/{fd}"):
-                    total += os.stat(f"/proc/{pid}/fd/{fd}").st_blocks * 512
-            except OSError:
-                continue
-    except OSError:
-        pass
-    return total
-
-
-class TreeMemory:
-    """Peak memory of a process tree, sampled in a thread.
-
-    ``total`` = Σ (PSS − PSS of shared memory) over the tree + the larger of Σ PSS of
-    shared memory and the bytes allocated in the object store's file: a store page that
-    no live process maps any more (its writer exited) is still memory, and a page mapped
-    by several processes counts once. ``driver`` is the RSS of the root process.
-    """
-
-    def __init__(self, pid: int, interval: float) -> None:
-        self.root = psutil.Process(pid)
-        self.interval = interval
-        self.driver_peak = 0
-        self.total_peak = 0
-        self.rss_sum_peak = 0
-        self.plasma_peak = 0
-        self.at_peak: dict[str, int] = {}  # memory by process name when the total peaked
-        self.samples: list[tuple[float, int, int, int]] = []  # (t, driver RSS, total, object store)
-        self._t0 = time.perf_counter()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def sample(self) -> None:
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        private = shmem = rss = driver = plasma = 0
-        by_name: dict[str, int] = {}
-        for p in procs:
-            m = _rollup(p.pid)
-            if m is None:
-                continue
-            try:
-                name = "driver" if p.pid == self.root.pid else p.name()
-            except psutil.Error:
-                continue
-            if name == "raylet":
-                plasma += _plasma_bytes(p.pid)
-            own = m.get(b"Pss:", 0) - m.get(b"Pss_Shmem:", 0)
-            private += own
-            shmem += m.get(b"Pss_Shmem:", 0)
-            rss += m.get(b"Rss:", 0)
-            if p.pid == self.root.pid:
-                driver = m.get(b"Rss:", 0)
-            by_name[name] = by_name.get(name, 0) + own
-        total = private + max(shmem, plasma)
-        by_name["object store (shm)"] = max(shmem, plasma)
-        self.driver_peak = max(self.driver_peak, driver)
-        self.rss_sum_peak = max(self.rss_sum_peak, rss)
-        self.plasma_peak = max(self.plasma_peak, plasma)
-        if total > self.total_peak:
-            self.total_peak = total
-            self.at_peak = by_name
-        self.samples.append((round(time.perf_counter() - self._t0, 2), driver, total, plasma))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def __enter__(self) -> TreeMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 # ------------------------------------------------------------------ one run
-
-
-def _curate_command() -> list[str]:
-    exe = Path(sys.executable).with_name("curate")
-    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from curate.cli import main; main()"]
 
 
 def run_size(n: int, *, work: Path, cpus: int, images: bool, seed: int, interval: float) -> dict[str, Any]:
@@ -378,29 +259,25 @@ def run_size(n: int, *, work: Path, cpus: int, images: bool, seed: int, interval
     shutil.rmtree(out, ignore_errors=True)
     recipe = work / f"recipe-{'img' if images else 'noimg'}.yaml"
     recipe.write_text(recipe_yaml(input_dir, cpus, images))
-    cmd = [*_curate_command(), "-v", "run", str(recipe), "-o", str(out), "--no-progress"]
     logf = work / f"run-{n}.log"
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
-    with open(logf, "w") as lf:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env)
-        with TreeMemory(proc.pid, interval) as mem:
-            rc = proc.wait()
-        seconds = time.perf_counter() - t0
-    if rc != 0:
-        raise SystemExit(f"curate run failed (exit {rc}) for {n:,} rows; see {logf}")
-    manifest = json.loads((out / "manifest.json").read_text())
+    try:
+        r = run_curate(recipe, out, log_path=logf, memory=True, interval=interval, verbose=True,
+                       limit=24 * 3600, env={"RAY_DEDUP_LOGS": "0"})
+    except ToolFailed as e:
+        raise SystemExit(f"curate run failed for {n:,} rows: {e}") from None
+    seconds, mem = r.seconds, r.run.monitor
+    manifest = r.manifest
     if manifest["counts"]["input"] != n or not manifest["complete"]:
         raise SystemExit(f"{out}/manifest.json: {manifest['counts']['input']} rows in, expected {n}")
     stages = {s["name"]: {"kept": s["kept"], "dropped": sum(s["dropped"].values()), "seconds": s["seconds"]}
               for s in manifest["stages"]}
-    mib = 2**20
     return {
         "rows": n, "seconds": seconds, "rows_per_s": n / seconds, "kept": manifest["counts"]["kept"],
-        "driver_peak_mib": mem.driver_peak / mib, "total_peak_mib": mem.total_peak / mib,
-        "rss_sum_peak_mib": mem.rss_sum_peak / mib, "object_store_peak_mib": mem.plasma_peak / mib,
-        "at_peak_mib": {k: round(v / mib, 1) for k, v in sorted(mem.at_peak.items(), key=lambda kv: -kv[1])},
-        "stages": stages, "log": str(logf), "curve": mem.samples,
+        "cpu_seconds": mem["cpu_seconds"],
+        "driver_peak_mib": mem["driver_peak_mib"], "total_peak_mib": mem["total_peak_mib"],
+        "rss_sum_peak_mib": mem["rss_sum_peak_mib"], "object_store_peak_mib": mem["object_store_peak_mib"],
+        "at_peak_mib": mem["at_peak_mib"], "timings": asdict(r.timings) if r.timings else None,
+        "fixed_costs": describe_timings(r.timings), "stages": stages, "log": str(logf), "curve": mem["curve"],
     }
 
 
@@ -437,6 +314,9 @@ def main() -> None:
         print(f"{r['rows']:>10,}{r['seconds']:>9.1f}{r['rows_per_s']:>9,.0f}{r['kept']:>10,}"
               f"{r['driver_peak_mib']:>17.0f}{r['total_peak_mib']:>16.0f}{r['object_store_peak_mib']:>16.0f}"
               f"{r['rss_sum_peak_mib']:>18.0f}")
+    for r in results:
+        print(f"{r['rows']:>10,} rows: CPU {r['cpu_seconds']:.1f} s (whole process tree); "
+              f"fixed costs: {r['fixed_costs']}")
     first, last = results[0], results[-1]
     ratio = last["total_peak_mib"] / first["total_peak_mib"]
     if last["rows"] > first["rows"]:
