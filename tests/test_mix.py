@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.errors import CurateError, RecipeError
+from curate.errors import RecipeError
 from curate.mix import (
     APPROX_TOKENS,
     BYTES_PER_TOKEN,
@@ -156,7 +156,7 @@ def test_tokens_70_30_uses_num_tokens_when_present(tmp_path, outputs):
 
 def test_short_source_error_cap_repeat_and_replace(tmp_path, outputs, caplog):
     big = {"total_samples": 600}  # book's 30 % is 180 ≤ 200, web's 70 % is 420 > 300
-    with pytest.raises(CurateError, match="'web' has 300 samples but its share is 420.*if_short: cap"):
+    with pytest.raises(RecipeError, match="'web' has 300 samples but its share is 420.*if_short: cap"):
         run_mix(load_mixture(_mixture(tmp_path, outputs, **big)))
 
     capped = run_mix(load_mixture(_mixture(tmp_path, outputs, if_short="cap", **big),

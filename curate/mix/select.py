@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curate.errors import CurateError
+from curate.errors import InputError, RecipeError
 from curate.mix.model import Mixture
 from curate.mix.read import SourceIndex
 
@@ -48,7 +48,7 @@ def select(amount: np.ndarray, target: float, rng: np.random.Generator, *, repla
     if target <= 0:
         return Selection(np.zeros(0, np.int64), np.zeros(0, np.int64))
     if n == 0 or amount.sum() == 0:
-        raise CurateError(f"mixture source {name!r} is empty but its share is {target:g} {unit}")
+        raise InputError(f"mixture source {name!r} is empty but its share is {target:g} {unit}")
     if replace:
         mean = float(amount.mean())
         picks: list[np.ndarray] = []
@@ -66,7 +66,7 @@ def select(amount: np.ndarray, target: float, rng: np.random.Generator, *, repla
     shortfall = 0.0
     if target > total:
         if if_short == "error":
-            raise CurateError(
+            raise RecipeError(  # the mixture asks for more than there is: the mixture file must change
                 f"mixture source {name!r} has {total:g} {unit} but its share is {target:g}: set `if_short: cap` "
                 "(take all of it), `if_short: repeat` (upsample by repeating it), or `replace: true`")
         if if_short == "cap":

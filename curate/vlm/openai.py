@@ -36,7 +36,7 @@ from typing import Any
 
 import aiohttp
 
-from curate.errors import CurateError
+from curate.errors import EnvironmentProblem
 from curate.net.fetch import BackgroundLoop
 from curate.vlm.base import IMAGE_MIME, Answer, Ask, VLMOptions
 
@@ -97,8 +97,8 @@ class OpenAIBackend:
         if options.api_key_env:
             key = os.environ.get(options.api_key_env)
             if not key:
-                raise CurateError(f"api_key_env names {options.api_key_env}, which is not set on this worker; "
-                                  "on a cluster pass it with runtime_env env_vars or set it on every node")
+                raise EnvironmentProblem(f"api_key_env names {options.api_key_env}, which is not set on this "
+                                         "worker; on a cluster pass it with runtime_env env_vars or set it on every node")
         self._headers = {"Content-Type": "application/json"}
         if key:
             self._headers["Authorization"] = f"Bearer {key}"

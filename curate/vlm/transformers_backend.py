@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from curate.errors import CurateError
+from curate.errors import EnvironmentProblem
 from curate.vlm.base import Answer, Ask, VLMOptions
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def _import_transformers() -> Any:
     try:
         import transformers
     except ImportError as e:
-        raise CurateError(f"backend transformers needs the transformers library: {INSTALL_HINT}") from e
+        raise EnvironmentProblem(f"backend transformers needs the transformers library: {INSTALL_HINT}") from e
     return transformers
 
 
@@ -40,14 +40,14 @@ def check_model(options: VLMOptions) -> None:
     p = Path(options.model).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise CurateError(f"model directory {p} has no config.json (save it with save_pretrained)")
+            raise EnvironmentProblem(f"model directory {p} has no config.json (save it with save_pretrained)")
         return
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(options.model, "config.json"), str):
-        raise CurateError(f"model {options.model!r} is not a local directory nor in the local Hugging Face cache; "
-                          f"curate downloads no weights: run `huggingface-cli download {options.model}` first "
-                          "(or give a directory)")
+        raise EnvironmentProblem(
+            f"model {options.model!r} is not a local directory nor in the local Hugging Face cache; "
+            f"curate downloads no weights: run `huggingface-cli download {options.model}` first (or give a directory)")
 
 
 class TransformersBackend:
@@ -74,7 +74,7 @@ class TransformersBackend:
             self.model = transformers.AutoModelForImageTextToText.from_pretrained(
                 options.model, local_files_only=True, dtype=getattr(torch, dtype)).to(device).eval()
         except (OSError, ValueError) as e:
-            raise CurateError(f"cannot load VLM {options.model!r} with transformers: {e}") from e
+            raise EnvironmentProblem(f"cannot load VLM {options.model!r} with transformers: {e}") from e
         tok = getattr(self.processor, "tokenizer", None)
         if tok is not None:
             tok.padding_side = "left"  # batched generation continues every prompt from its end
