@@ -2,8 +2,7 @@
 
 Web-scraped alt-texts are often not captions at all: "image", "untitled",
 "identicon", a camera file name (``IMG_1234.JPG``, ``DSC0042``), or a bare URL.
-None of them tells a model anything about the picture, and at pool scale
-they are a few percent of all rows (REFERENCES.md, "Filtering"). This stage
+None of them tells a model anything about the picture. This stage
 drops them, each with its own reason, so the ledger shows which rule fired.
 
 Word and character bounds are the job of ``caption_length``; the two stages

@@ -3,7 +3,7 @@
 Tiny images, banners and extreme panoramas rarely pair well with a caption
 and waste a model's input resolution; DataComp's "basic" filter keeps images
 whose shorter side is at least 200 px and whose aspect ratio (long/short) is at
-most 3 (REFERENCES.md, "Filtering").
+most 3 (Gadre et al. 2023, "DataComp", arXiv:2304.14108).
 
 Where the size comes from, per row, first that is known:
 
