@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from curate.errors import CurateError
+from curate.errors import EnvironmentProblem, RecipeError
 
 #: vLLM's and SGLang's default port with the OpenAI route prefix: `vllm serve MODEL` answers here.
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
@@ -148,8 +148,10 @@ def load_prompt(name_or_path: str) -> str:
         return ref.read_text(encoding="utf-8").strip()
     shipped = sorted(f.name[:-4] for f in importlib_resources.files("curate.vlm").joinpath(PROMPTS).iterdir()
                      if f.name.endswith(".txt"))
-    raise CurateError(f"prompt {name_or_path!r} is neither a shipped prompt ({', '.join(shipped)}) "
-                      "nor an existing .txt file")
+    # a .txt file this machine lacks, or a prompt name that is not shipped (a recipe mistake)
+    kind = EnvironmentProblem if p.suffix == ".txt" else RecipeError
+    raise kind(f"prompt {name_or_path!r} is neither a shipped prompt ({', '.join(shipped)}) "
+               "nor an existing .txt file")
 
 
 def render(template: str, **values: str | None) -> str:
