@@ -309,7 +309,7 @@ def run_demo(output: str | Path = DEFAULT_OUTPUT, *, samples: int = DEFAULT_SAMP
     else (unless ``overwrite``).
     """
     from curate.recipe import load_recipe
-    from curate.runner import run, stage_name
+    from curate.runner import run
 
     started = time.perf_counter()
     out = Path(output).expanduser().resolve()
@@ -336,7 +336,7 @@ def run_demo(output: str | Path = DEFAULT_OUTPUT, *, samples: int = DEFAULT_SAMP
         t0 = time.perf_counter()
         truth = world.truth_with_urls(base_url)
         ledger = read_ledger(out, manifest.ledger)
-        evaluation = evaluate(truth, ledger, [(stage_name(c), c.use) for c in r.stages])
+        evaluation = evaluate(truth, ledger, [(c.name or c.use, c.use) for c in r.stages])  # ledger names
         tags = read_tags(out, manifest.ledger)
         if tags is not None:  # the recaptioner's zero-shot tags against the world's truth tags
             from curate.demo.tags_eval import tag_accuracy
