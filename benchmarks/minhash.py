@@ -1,44 +1,54 @@
-"""Caption near-duplicate dedup: curate's MinHash LSH on Ray vs datasketch's MinHashLSH, same captions.
+"""Caption near-duplicate dedup: curate vs rensa vs datasketch (two ways), same captions, same truth.
 
-Generates ``-n`` web-like captions (3-30 words) in which about a fifth of the rows
-belong to planted near-duplicate clusters of 2-5 rows — a base caption plus
+Generates ``-n`` web-like captions (3-30 words, a third common English words, the
+rest drawn from a 30,000-word synthetic vocabulary) in which about a fifth of the
+rows belong to planted near-duplicate clusters of 2-5 rows: a base caption plus
 variants with changed casing, punctuation, doubled spaces, a typo (two letters
-swapped), one word dropped or one word added — whose truth is known, the rest
-distinct. Then, in one run:
+swapped), one word dropped or one word added. The truth is known; the rest of
+the rows are distinct. Nothing in it depends on curate's hashing or banding.
+
+Every method gets the same normalisation (:func:`curate.text.normalise_caption`),
+the same shingles (char 5-grams), ``--threshold`` (0.7) and ``--num-perm`` (128):
 
 - **curate**: :func:`curate.dedup.minhash.near_duplicate_pairs` (the code path of
   ``use: dedup_minhash`` with ``match: caption``) on a local Ray with ``--cpus``
   CPUs, then connected components. Ray start-up is excluded (paid once per
-  session); normalising, shingling, signatures, the bucket shuffle, verification
+  session; a run on 2,000 captions first starts the workers and loads the compiled
+  kernels); normalising, shingling, signatures, the bucket shuffle, verification
   and components are included.
-- **datasketch** used the usual way: per caption a ``MinHash(num_perm, seed)``
-  updated once per shingle (bytes, default SHA-1 hash), ``MinHashLSH.insert``,
-  then ``query`` for every caption; the pairs it returns, then connected
-  components. Same normalisation, shingles (char 5-grams), threshold and num_perm.
-  datasketch is single-threaded; that is how it is used.
+- **rensa** (Rust MinHash, one thread: ``RAYON_NUM_THREADS=1``) used as its README
+  shows: ``RMinHashDeduplicator(threshold, num_perm, use_lsh=True).add_pairs`` with
+  each caption's shingles, which keeps a caption unless it matches one already kept;
+  then ``get_duplicate_sets`` for the dropped rows, to know which kept row each
+  duplicates (needed for the clustering metrics), then connected components.
+- **datasketch, shingle by shingle**: per caption a ``MinHash(num_perm, seed=1)``
+  updated once per shingle (bytes, default SHA-1), ``MinHashLSH.insert``, then
+  ``query`` for every caption; its pairs, then connected components.
+- **datasketch, update_batch**: the same with one ``MinHash.update_batch`` call a caption.
 
 Metrics are *pairwise* clustering metrics: a pair of rows is a true pair if the
 rows are in the same planted cluster and a predicted pair if they end in the
 same connected component; precision = |true ∩ predicted| / |predicted|, recall
-= |true ∩ predicted| / |true|, F1 their harmonic mean (counted from the cluster
-contingency table, without listing the pairs). Peak memory is the peak RSS of
-this process plus its child processes (Ray's workers, raylet and GCS), sampled
-every 0.1 s with psutil, minus the RSS before the method started (shared
-object-store pages may be counted once per process that maps them).
+= |true ∩ predicted| / |true|, F1 their harmonic mean. Peak memory is the peak
+RSS of this process plus its child processes (Ray's workers, raylet and GCS),
+sampled every 0.1 s with psutil, minus the RSS before the method started
+(shared object-store pages are counted once per process that maps them).
 
-``--baseline-n M`` runs datasketch on the first M captions only (they hold whole
-clusters) and *extrapolates* its throughput to ``-n``; the output says so.
+``--baseline-n M`` runs the two datasketch columns on the first M captions only
+(they hold whole clusters) and *extrapolates* their throughput to ``-n``; the
+output says so. ``--skip`` leaves methods out (e.g. ``--skip datasketch`` at 10M).
 
-Run::
+Run (rensa and datasketch are in the ``test`` extras; psutil too)::
 
-    pip install datasketch psutil
     python benchmarks/minhash.py -n 100000 --cpus 2
+    python benchmarks/minhash.py -n 1000000 --cpus 2 --baseline-n 50000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import threading
 import time
@@ -174,9 +184,11 @@ class PeakRSS:
 def run_curate(captions: list[str], threshold: float, num_perm: int,
                verify: bool = True) -> tuple[np.ndarray, float, float]:
     from curate.dedup.clusters import connected_components
-    from curate.dedup.minhash import MinHashParams, near_duplicate_pairs
+    from curate.dedup.minhash import MinHashParams, near_duplicate_pairs, warm_kernels
 
     params = MinHashParams(threshold=threshold, num_perm=num_perm, verify=verify)
+    warm_kernels()  # a first run compiles into numba's on-disk cache; later runs (and workers) load it
+    near_duplicate_pairs(captions[:2000], params)  # starts Ray's workers (part of Ray start-up, excluded)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         left, right = near_duplicate_pairs(captions, params)
@@ -185,12 +197,35 @@ def run_curate(captions: list[str], threshold: float, num_perm: int,
     return labels, seconds, mem.mib
 
 
-def run_datasketch(captions: list[str], threshold: float, num_perm: int) -> tuple[np.ndarray, float, float]:
+def run_rensa(captions: list[str], threshold: float, num_perm: int) -> tuple[np.ndarray, float, float]:
+    from rensa import RMinHashDeduplicator
+
+    from curate.dedup.clusters import connected_components
+    from curate.dedup.minhash import char_shingles
+    from curate.text import normalise_caption
+
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        rows = [(i, normalise_caption(c)) for i, c in enumerate(captions)]
+        shingles = [(str(i), char_shingles(t, 5)) for i, t in rows if t]
+        dedup = RMinHashDeduplicator(threshold=threshold, num_perm=num_perm, use_lsh=True)
+        keep = dedup.add_pairs(shingles)
+        dropped = [s for s, k in zip(shingles, keep, strict=True) if not k]
+        sets = dedup.get_duplicate_sets([tokens for _, tokens in dropped])
+        left = np.array([int(k) for (k, _), dup in zip(dropped, sets, strict=True) if dup], np.int64)
+        right = np.array([min(int(d) for d in dup) for dup in sets if dup], np.int64)
+        labels = connected_components(len(captions), left, right)
+        seconds = time.perf_counter() - t0
+    return labels, seconds, mem.mib
+
+
+def run_datasketch(captions: list[str], threshold: float, num_perm: int,
+                   batch: bool = False) -> tuple[np.ndarray, float, float]:
     from datasketch import MinHash, MinHashLSH
 
     from curate.dedup.clusters import connected_components
     from curate.dedup.minhash import char_shingles
-    from curate.stages.dedup_exact import normalise_caption
+    from curate.text import normalise_caption
 
     with PeakRSS() as mem:
         t0 = time.perf_counter()
@@ -201,8 +236,11 @@ def run_datasketch(captions: list[str], threshold: float, num_perm: int) -> tupl
             if not text:
                 continue
             m = MinHash(num_perm=num_perm, seed=1)
-            for s in char_shingles(text, 5):
-                m.update(s.encode("utf-8"))
+            if batch:
+                m.update_batch([s.encode("utf-8") for s in char_shingles(text, 5)])
+            else:
+                for s in char_shingles(text, 5):
+                    m.update(s.encode("utf-8"))
             lsh.insert(i, m)
             sketches[i] = m
         left, right = [], []
@@ -216,62 +254,77 @@ def run_datasketch(captions: list[str], threshold: float, num_perm: int) -> tupl
     return labels, seconds, mem.mib
 
 
+METHODS = ("curate", "rensa", "datasketch", "datasketch_batch")
+LABELS = {"curate": "curate dedup_minhash ({cpus} CPUs)", "rensa": "rensa RMinHashDeduplicator (1 thread)",
+          "datasketch": "datasketch, shingle by shingle", "datasketch_batch": "datasketch, update_batch"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-n", "--captions", type=int, default=1_000_000)
+    p.add_argument("-n", "--captions", type=int, default=100_000)
     p.add_argument("--baseline-n", type=int, default=None,
-                   help="run datasketch on the first M captions only and extrapolate its throughput")
+                   help="run the datasketch columns on the first M captions only and extrapolate their throughput")
     p.add_argument("--cpus", type=int, default=2)
-    p.add_argument("--threshold", type=float, default=0.8)
+    p.add_argument("--threshold", type=float, default=0.7)
     p.add_argument("--num-perm", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", nargs="*", default=[], choices=METHODS)
     p.add_argument("--json", type=Path)
     a = p.parse_args()
-
-    import ray
+    os.environ["RAYON_NUM_THREADS"] = "1"  # rensa: one thread, before it is first imported
 
     t0 = time.perf_counter()
     captions, truth = make_captions(a.captions, a.seed)
     print(f"generated {len(captions):,} captions, {len(np.unique(truth)):,} true clusters "
-          f"in {time.perf_counter() - t0:.1f}s")
-    ray.init(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False)
-    c_labels, c_s, c_mem = run_curate(captions, a.threshold, a.num_perm)
-    c_m = pair_metrics(truth, c_labels)
-    u_labels, u_s, u_mem = run_curate(captions, a.threshold, a.num_perm, verify=False)
-    u_m = pair_metrics(truth, u_labels)
-    ray.shutdown()
+          f"in {time.perf_counter() - t0:.1f}s", flush=True)
+    results: dict[str, dict] = {}
+    if "curate" not in a.skip:
+        import ray
 
+        ray.init(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False)
+        labels, secs, mib = run_curate(captions, a.threshold, a.num_perm)
+        ray.shutdown()
+        results["curate"] = {"rows": len(captions), "seconds": secs, "peak_mib": mib, **pair_metrics(truth, labels)}
+        print("curate done", flush=True)
+    if "rensa" not in a.skip:
+        labels, secs, mib = run_rensa(captions, a.threshold, a.num_perm)
+        results["rensa"] = {"rows": len(captions), "seconds": secs, "peak_mib": mib, **pair_metrics(truth, labels)}
+        print("rensa done", flush=True)
     m = a.captions if a.baseline_n is None else min(a.captions, -(-a.baseline_n // BLOCK) * BLOCK)
-    d_labels, d_s, d_mem = run_datasketch(captions[:m], a.threshold, a.num_perm)
-    d_m = pair_metrics(truth[:m], d_labels)
-    c_rate, d_rate = len(captions) / c_s, m / d_s
+    for name, batch in (("datasketch", False), ("datasketch_batch", True)):
+        if name not in a.skip:
+            labels, secs, mib = run_datasketch(captions[:m], a.threshold, a.num_perm, batch=batch)
+            results[name] = {"rows": m, "seconds": secs, "peak_mib": mib, "extrapolated": m < len(captions),
+                             **pair_metrics(truth[:m], labels)}
+            print(f"{name} done", flush=True)
+    for r in results.values():
+        r["captions_per_s"] = r["rows"] / r["seconds"]
 
-    print(f"\n{'method':<34}{'rows':>10}{'wall s':>9}{'rows/s':>10}{'peak MiB':>10}"
-          f"{'precision':>10}{'recall':>8}{'F1':>7}")
-    print(f"{'curate dedup_minhash (' + str(a.cpus) + ' CPUs)':<34}{len(captions):>10,}{c_s:>9.1f}{c_rate:>10,.0f}"
-          f"{c_mem:>10.0f}{c_m['precision']:>10.4f}{c_m['recall']:>8.4f}{c_m['f1']:>7.4f}")
-    print(f"{'  same, verify: false':<34}{len(captions):>10,}{u_s:>9.1f}{len(captions) / u_s:>10,.0f}"
-          f"{u_mem:>10.0f}{u_m['precision']:>10.4f}{u_m['recall']:>8.4f}{u_m['f1']:>7.4f}")
-    print(f"{'datasketch MinHashLSH (1 thread)':<34}{m:>10,}{d_s:>9.1f}{d_rate:>10,.0f}"
-          f"{d_mem:>10.0f}{d_m['precision']:>10.4f}{d_m['recall']:>8.4f}{d_m['f1']:>7.4f}")
-    if m < len(captions):
-        print(f"NOTE: datasketch ran on the first {m:,} of {len(captions):,} captions (--baseline-n); its "
-              f"throughput is EXTRAPOLATED to the full size (≈ {len(captions) / d_rate:,.0f} s) and its "
-              "metrics are over that subsample")
-    print(f"throughput ratio curate/datasketch: {c_rate / d_rate:.1f}x verified, "
-          f"{len(captions) / u_s / d_rate:.1f}x unverified  (goal >= 10x at equal or better F1)")
-    print("verify: true (the default) drops candidates whose estimated Jaccard is > 2 standard errors below "
-          "the threshold; datasketch and verify: false keep every pair that shares a band bucket")
-    print("metrics: pairwise (same planted cluster vs same connected component); "
-          "peak MiB: RSS of this process + children (psutil, 0.1 s), above the level before")
+    names = [k for k in METHODS if k in results]
+    rows = [("rows", lambda r: f"{r['rows']:,}"), ("wall s", lambda r: f"{r['seconds']:.1f}"),
+            ("captions/s", lambda r: f"{r['captions_per_s']:,.0f}"), ("peak MiB", lambda r: f"{r['peak_mib']:.0f}"),
+            ("precision", lambda r: f"{r['precision']:.4f}"), ("recall", lambda r: f"{r['recall']:.4f}"),
+            ("F1", lambda r: f"{r['f1']:.4f}")]
+    width = 40
+    print("\n" + f"{'':<12}" + "".join(f"{LABELS[k].format(cpus=a.cpus):>{width}}" for k in names))
+    for label, fmt in rows:
+        print(f"{label:<12}" + "".join(f"{fmt(results[k]):>{width}}" for k in names))
+    others = [k for k in names if k != "curate"]
+    if "curate" in results and others:
+        best = max(others, key=lambda k: results[k]["captions_per_s"])
+        c, o = results["curate"], results[best]
+        print(f"\ncurate / fastest alternative ({LABELS[best]}): {c['captions_per_s'] / o['captions_per_s']:.2f}x "
+              f"captions/s, F1 {c['f1']:.4f} vs {o['f1']:.4f}  (goal: >= 2x rensa at F1 >= rensa's)")
+    if any(r.get("extrapolated") for r in results.values()):
+        print(f"NOTE: datasketch columns ran on the first {m:,} of {len(captions):,} captions (--baseline-n); "
+              "their captions/s is measured there (EXTRAPOLATED to the full size) and their metrics are "
+              "over that subsample")
+    print(f"threshold {a.threshold}, {a.num_perm} permutations, char 5-grams; metrics: pairwise (same planted "
+          "cluster vs same connected component); peak MiB: RSS of this process + children (psutil, 0.1 s), "
+          "above the level before")
     if a.json:
-        a.json.write_text(json.dumps({
-            "captions": len(captions), "baseline_captions": m, "cpus": a.cpus, "threshold": a.threshold,
-            "num_perm": a.num_perm, "curate": {"seconds": c_s, "rows_per_s": c_rate, "peak_mib": c_mem, **c_m},
-            "curate_unverified": {"seconds": u_s, "rows_per_s": len(captions) / u_s, "peak_mib": u_mem, **u_m},
-            "datasketch": {"seconds": d_s, "rows_per_s": d_rate, "peak_mib": d_mem, **d_m,
-                           "extrapolated": m < len(captions)},
-            "ratio": c_rate / d_rate}, indent=1))
+        a.json.write_text(json.dumps({"captions": len(captions), "cpus": a.cpus, "threshold": a.threshold,
+                                      "num_perm": a.num_perm, **results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from datasketch.lsh import _optimal_param
 from curate.dedup import minhash as mh
 from curate.recipe import load_recipe
 from curate.runner import run
-from curate.text import normalise_caption
 from curate.stages.dedup_minhash import DedupMinhash, DedupMinhashConfig
+from curate.text import normalise_caption
 from tests.conftest import jpeg_bytes
 
 WORDS = ("dog cat beach mountain river city street car bicycle tree flower red blue green old new "
@@ -69,7 +69,10 @@ def test_bands_and_rows_from_threshold(threshold, expected):
 def test_bands_and_rows_match_datasketch_elsewhere(ray_session):
     for t, p in [(0.5, 128), (0.95, 128), (0.85, 256), (0.75, 64)]:
         assert mh.optimal_bands(t, p) == _optimal_param(t, p, 0.5, 0.5), (t, p)
-    assert _stage(threshold=0.7, match="caption").decide(_table(["a b c d e f", "a b c d e f"]))[1]["bands"] == 14
+    # verify: false keeps datasketch's MinHashLSH rule; verified candidates weight misses 9:1
+    assert mh.MinHashParams(threshold=0.7, verify=False).band_rows() == _optimal_param(0.7, 128, 0.5, 0.5)
+    assert mh.MinHashParams(threshold=0.7).band_rows() == _optimal_param(0.7, 128, 0.1, 0.9) == (20, 6)
+    assert _stage(threshold=0.7, match="caption").decide(_table(["a b c d e f", "a b c d e f"]))[1]["bands"] == 20
 
 
 def test_bucket_pairs_all_pairs_small_star_and_chain_large():
@@ -135,7 +138,7 @@ def test_planted_clusters_recall_precision_and_duplicate_of(ray_session):
         members = by_cluster[cluster[keys.index(k)]]
         assert d[k]["duplicate_of"] == keys[max(members, key=lambda j: scores[j])]
         assert d[k]["reason"] == "duplicate:near_caption"
-    assert info["dropped"] == len(dropped) and info["bands"] == 9 and info["rows_per_band"] == 13
+    assert info["dropped"] == len(dropped) and info["bands"] == 14 and info["rows_per_band"] == 9
     assert sum(info["cluster_sizes"].values()) == info["clusters"] >= 38
 
 
