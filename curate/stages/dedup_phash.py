@@ -1,11 +1,13 @@
 """Perceptual-hash deduplication (``use: dedup_phash``, a global stage): resized and re-encoded copies.
 
 Two images are duplicates when their 64-bit pHashes (``phash`` from
-``image_hash``) differ in at most ``max_distance`` bits. Pairs are found by
-banded LSH with an exact guarantee (:func:`curate.dedup.phash.near_pairs`:
-``max_distance + 1`` bands, pigeonhole, every candidate verified), pairs join
-into clusters (connected components), and each cluster keeps one sample by the
-``keep`` rule (default: the smallest key); the others are dropped with
+``image_hash``) differ in at most ``max_distance`` bits. Rows with the same
+hash are one group; pairs of distinct hashes are found by multi-index hashing
+with an exact guarantee (:func:`curate.dedup.phash.near_value_pairs`: bands
+searched within radii whose sum covers the distance, pigeonhole, every
+candidate verified by its popcount), run as Ray tasks when Ray is up. Pairs
+join into clusters (connected components), and each cluster keeps one sample
+by the ``keep`` rule (default: the smallest key); the others are dropped with
 ``duplicate:near_image`` and ``duplicate_of`` = the kept key.
 
 What pHash is good for: exact copies, resized copies and JPEG re-encodes. It is
@@ -21,9 +23,10 @@ the grey DCT signs of one shape on a plain background hardly depend on its colou
 pHash alone at 4 bits drops 136 distinct images for 45/50 resized copies; with
 ``min_cosine: 0.995`` it drops 2 for 48/50 (README, dedup section).
 
-The cost of the candidate search grows as n² · bands / 2^(64/bands): about a fifth
-of all pairs at distance 10 (6-bit bands) — fine for a few hundred thousand images
-on the driver; beyond that, lower ``max_distance`` (6 → 7 bands of 9-10 bits, ~1 % of pairs).
+The cost of the search at distance 10 (benchmarks/phash.py, uniformly random
+hashes, the hard case): about n^1.6 — 3 bands of 21-22 bits searched within 3, 3
+and 2 bits at a million hashes, ~7 · 10⁻⁴ of all pairs verified. A lower
+``max_distance`` is much cheaper (6: ~5× fewer candidates at a million).
 
 The recipe entry brings its own ``image_hash`` stage, named ``<name>_hash``,
 unless ``hash_images: false`` says an earlier stage already added ``phash``.
@@ -47,7 +50,14 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.dedup.clusters import KEEP_FIELD, connected_components, decide_clusters, keep_columns
-from curate.dedup.phash import HASH_BITS, band_layout, near_pairs
+from curate.dedup.phash import (
+    HASH_BITS,
+    SearchStats,
+    distinct_hashes,
+    expand_pairs,
+    near_value_pairs,
+    pair_count,
+)
 from curate.dedup.semantic import EmbeddingError, embedding_matrix, normalise
 from curate.errors import CurateError
 from curate.stages.base import GlobalStage, StageConfig
@@ -59,6 +69,15 @@ log = logging.getLogger(__name__)
 REASON = "duplicate:near_image"
 #: imagededup's default Hamming threshold for pHash (out of 64 bits).
 DEFAULT_MAX_DISTANCE = 10
+
+
+def _ray_up() -> bool:
+    """Whether decide() runs under a started Ray (a run): then the search runs as Ray tasks."""
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    return ray.is_initialized()
 
 
 class DedupPhashConfig(StageConfig):
@@ -101,18 +120,30 @@ class DedupPhash(GlobalStage[DedupPhashConfig]):
         valid = np.flatnonzero(present.to_numpy(zero_copy_only=False))
         # filter before to_numpy: with nulls numpy would get float64 and lose the low bits of the hashes
         values = np.asarray(hashes.filter(present).to_numpy(), dtype=np.int64)
-        left, right, candidates = near_pairs(values, cfg.max_distance)
-        left, right = valid[left], valid[right]
-        hash_pairs = len(left)
-        if cfg.min_cosine is not None:
-            left, right = self._verify(table, left, right, cfg.min_cosine)
+        distinct, inverse = distinct_hashes(values)
+        stats = SearchStats()
+        vl, vr = near_value_pairs(distinct, cfg.max_distance, use_ray=_ray_up(), stats=stats)
+        hash_pairs = pair_count(inverse, vl, vr)
+        if cfg.min_cosine is not None:  # every row pair is checked against the embeddings
+            left, right = expand_pairs(inverse, vl, vr)
+            left, right = self._verify(table, valid[left], valid[right], cfg.min_cosine)
+            pairs = len(left)
+        else:  # rows of one hash join their first row; a pair of hashes joins those first rows
+            first = np.full(len(distinct), len(valid), np.int64)
+            np.minimum.at(first, inverse, np.arange(len(valid)))
+            rest = np.flatnonzero(first[inverse] != np.arange(len(valid)))
+            left = valid[np.concatenate([first[vl], first[inverse[rest]]])]
+            right = valid[np.concatenate([first[vr], rest])]
+            pairs = hash_pairs
         labels = connected_components(table.num_rows, left, right)
         decisions, info = decide_clusters(table, labels, reason=REASON, keep=cfg.keep)
-        info.update({"max_distance": cfg.max_distance, "bands": len(band_layout(cfg.max_distance)),
-                     "hashed": int(len(valid)), "candidates": int(candidates), "hash_pairs": hash_pairs, "pairs": int(len(left)),
+        info.update({"max_distance": cfg.max_distance, "bands": len(stats.bands), "band_plan": stats.describe(),
+                     "search_tasks": stats.tasks, "hashed": int(len(valid)), "distinct_hashes": int(len(distinct)),
+                     "candidates": stats.candidates, "hash_pairs": hash_pairs, "pairs": int(pairs),
                      "min_cosine": cfg.min_cosine})
-        log.info("%s: %d hashes, %d candidate pairs, %d within %d bits, %d dropped", self.stage_name,
-                 len(valid), candidates, len(left), cfg.max_distance, info["dropped"])
+        log.info("%s: %d hashes (%d distinct), bands %s, %d candidate pairs, %d within %d bits, %d dropped",
+                 self.stage_name, len(valid), len(distinct), stats.describe(), stats.candidates, hash_pairs,
+                 cfg.max_distance, info["dropped"])
         return decisions, info
 
     def _verify(self, table: pa.Table, left: np.ndarray, right: np.ndarray,

@@ -11,7 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFilter
 
-from curate.dedup.phash import band_layout, hamming, near_pairs
+from curate.dedup import phash
+from curate.dedup.phash import (
+    Band,
+    SearchStats,
+    band_layout,
+    distinct_hashes,
+    hamming,
+    near_pairs,
+    near_value_pairs,
+    plan_bands,
+)
 from curate.errors import CurateError
 from curate.recipe import load_recipe
 from curate.runner import run
@@ -75,6 +85,58 @@ def test_banded_search_equals_brute_force(max_distance):
     assert len(got) >= 20 and candidates >= len(got)
 
 
+def _planted(seed: int, n: int, max_distance: int):
+    """n random hashes, a third with a neighbour at 0..max_distance+3 bits, some exact repeats."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(-2**63, 2**63 - 1, n, dtype=np.int64)
+    near = [_flip(base[i:i + 1], rng.choice(64, rng.integers(0, max_distance + 4), replace=False))[0]
+            for i in range(n // 3)]
+    return np.concatenate([base, np.array(near, np.int64), base[:10]])
+
+
+def _brute(h: np.ndarray, max_distance: int) -> set[tuple[int, int]]:
+    i, j = np.nonzero(np.triu(hamming(h[:, None], h[None, :]) <= max_distance, 1))
+    return set(zip(i.tolist(), j.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("max_distance", [2, 6, 10])
+def test_multi_index_plans_equal_brute_force(max_distance):
+    """Wide bands with radii (the plan at scale) find exactly the brute-force pairs, each once."""
+    h = _planted(max_distance, 2400, max_distance)
+    truth = _brute(h, max_distance)
+    values, inverse = distinct_hashes(h)
+    plans = [plan_bands(n, max_distance) for n in (10, 10**6, 10**7)]
+    plans.append([Band(0, 30, max_distance // 2), Band(30, 34, max_distance - max_distance // 2 - 1)])
+    for bands in plans:
+        assert sum(b.radius + 1 for b in bands) == max_distance + 1 and sum(b.width for b in bands) == 64
+        stats = SearchStats()
+        vl, vr = near_value_pairs(values, max_distance, bands=bands, stats=stats)
+        left, right = phash.expand_pairs(inverse, vl, vr)
+        got = list(zip(left.tolist(), right.tolist(), strict=True))
+        assert set(got) == truth and len(got) == len(truth), [(b.width, b.radius) for b in bands]
+        assert phash.pair_count(inverse, vl, vr) == len(truth) and stats.candidates >= len(vl)
+    assert len(truth) > 300  # the planted neighbours and repeats, not just chance pairs
+
+
+def test_plan_grows_wider_bands_with_n():
+    small, large = plan_bands(100, 10), plan_bands(10**6, 10)
+    assert len(small) > len(large) and max(b.radius for b in large) >= 2
+    assert plan_bands(5, 0) == [Band(0, 64, 0)]
+
+
+def test_ray_tasks_give_the_same_pairs_whatever_their_number(ray_session, monkeypatch):
+    monkeypatch.setattr(phash, "RAY_MIN_HASHES", 2)
+    h = _planted(7, 3000, 10)
+    values, _ = distinct_hashes(h)
+    bands = plan_bands(10**6, 10)  # wide bands with radii: many masks to share out
+    ref = near_value_pairs(values, 10, bands=bands)
+    for tasks in (1, 4, 13):
+        stats = SearchStats()
+        got = near_value_pairs(values, 10, bands=bands, use_ray=True, tasks=tasks, stats=stats)
+        assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+        assert stats.tasks >= min(tasks, len(bands))
+
+
 def test_band_layout_covers_all_bits():
     assert band_layout(10)[-1] == (59, 5) and sum(w for _, w in band_layout(10)) == 64
     with pytest.raises(ValueError, match="max_distance"):
@@ -104,7 +166,8 @@ def test_resized_and_reencoded_copies_found_distinct_images_kept():
                                        strict=True) if r is not None}
     assert set(d["reason"].to_pylist()) == {None, "duplicate:near_image"}
     assert found == truth  # recall 1 and precision 1, each copy points at its original
-    assert info["dropped"] == 20 and info["cluster_sizes"] == {"2": 20} and info["bands"] == 11
+    assert info["dropped"] == 20 and info["cluster_sizes"] == {"2": 20}
+    assert info["bands"] == len(plan_bands(80, 10)) and info["hash_pairs"] == info["pairs"] == 20
 
 
 def test_keep_rule_picks_the_representative():
@@ -154,7 +217,9 @@ def _world(tmp_path, n_shards):
 
 
 @pytest.mark.parametrize("n_shards", [1, 3])
-def test_end_to_end_recipe_ledger_is_shard_independent(tmp_path, make_recipe, ray_session, n_shards):
+def test_end_to_end_recipe_ledger_is_shard_independent(tmp_path, make_recipe, ray_session, n_shards,
+                                                       monkeypatch):
+    monkeypatch.setattr(phash, "RAY_MIN_HASHES", 2)  # the search runs as Ray tasks, as at scale
     src, truth = _world(tmp_path, n_shards)
     recipe = make_recipe({"source": {"path": str(src)}, "stages": [{"use": "dedup_phash"}],
                           "write": {"output": str(tmp_path / "out"), "formats": ["parquet"]}})
@@ -166,7 +231,7 @@ def test_end_to_end_recipe_ledger_is_shard_independent(tmp_path, make_recipe, ra
     assert dups == truth
     assert all(ledger[k]["dropped_by"] == "dedup_phash" for k in dups)
     info = next(s for s in m.stages if s.name == "dedup_phash").info
-    assert info["cluster_sizes"] == {"2": 15} and info["hashed"] == 45
+    assert info["cluster_sizes"] == {"2": 15} and info["hashed"] == 45 and info["search_tasks"] > 1
     shard = pq.read_table(tmp_path / "out" / "parquet")
     assert shard["phash"].type == pa.int64() and "pixel_sha256" in shard.column_names
 
