@@ -53,7 +53,7 @@ def run(
     try:
         r = load_recipe(recipe, overrides=set_, input_path=input, output_path=output, ray_address=ray_address)
         manifest = run_recipe(r, overwrite=overwrite, progress=progress)
-    except (CurateError, Exception) as e:  # noqa: BLE001 - one-paragraph error for the user
+    except Exception as e:  # noqa: BLE001 - one paragraph for the user (CurateError), or the type and --debug
         _fail(e)
         return
     _print_summary(manifest, r.write.output or "")
@@ -90,7 +90,7 @@ def validate(
     try:
         r = load_recipe(recipe, overrides=set_)
         if check_input:
-            from curate.sources.base import make_source
+            from curate.sources.registry import make_source
 
             make_source(r.source).validate()
     except Exception as e:  # noqa: BLE001
@@ -122,7 +122,7 @@ def stats(
 
     try:
         st = write_stats(output, report=report)
-    except Exception as e:  # noqa: BLE001 - one-paragraph error for the user
+    except Exception as e:  # noqa: BLE001 - one paragraph for the user (CurateError), or the type and --debug
         _fail(e)
         return
     root = output.rstrip("/")
@@ -146,7 +146,7 @@ def mix(
 
     try:
         result = run_mix(load_mixture(mixture, output=output, overrides=set_), overwrite=overwrite)
-    except Exception as e:  # noqa: BLE001 - one-paragraph error for the user
+    except Exception as e:  # noqa: BLE001 - one paragraph for the user (CurateError), or the type and --debug
         _fail(e)
         return
     m = result.manifest
@@ -177,7 +177,7 @@ def demo(
     try:
         result = run_demo(output, samples=samples, seed=seed, world_dir=world, recipe=recipe, overrides=set_,
                           overwrite=overwrite, progress=progress)
-    except (CurateError, Exception) as e:  # noqa: BLE001 - one-paragraph error for the user
+    except Exception as e:  # noqa: BLE001 - one paragraph for the user (CurateError), or the type and --debug
         _fail(e)
         return
     from rich.console import Console
@@ -198,9 +198,9 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted; re-run the same command to resume", err=True)
         code = 130
-    runner = sys.modules.get("curate.runner")
-    if runner is not None and isinstance(code, int | None):
-        runner.fast_exit(code or 0)  # returns unless this process started its own Ray
+    session = sys.modules.get("curate.engine.session")
+    if session is not None and isinstance(code, int | None):
+        session.fast_exit(code or 0)  # returns unless this process started its own Ray
     sys.exit(code)
 
 

@@ -46,6 +46,9 @@ class Manifest(BaseModel):
     stats: dict[str, str] = Field(default_factory=dict, description="Name → path of statistics files.")
     packing: dict[str, Any] | None = Field(None, description="Packed sequences: totals, efficiency, files.")
     elapsed_seconds: float
+    timings: dict[str, Any] = Field(default_factory=dict, description=(
+        "Where the wall-clock time went, in seconds: process_start_to_run, ray_start, first_row (process "
+        "start to the first rows back), phases, globals, finalize, total (process start to this manifest)."))
 
 
 class LedgerRow(BaseModel):

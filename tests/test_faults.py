@@ -25,7 +25,7 @@ from curate.recipe import load_recipe
 from curate.runner import run
 from tests.conftest import jpeg_bytes, write_tar
 
-STAGE_TASK = "ray::MapBatches(_apply_stage)"  # Ray's process title for a worker running a map stage
+STAGE_TASK = "ray::MapBatches(apply_stage)"  # Ray's process title for a worker running a map stage
 
 
 def _parquet_world(src: Path, files: int = 4, per_file: int = 600) -> list[str]:

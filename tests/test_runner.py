@@ -249,35 +249,3 @@ def test_global_stage_column_typo_fails_before_any_download(tmp_path, make_recip
     with pytest.raises(CurateError, match=r"keep_fraction reads column\(s\) \['clip_scor'\]"):
         run(load_recipe(recipe))
     assert not (tmp_path / "out").exists()
-
-
-def test_part_files_are_read_in_order_with_only_the_wanted_columns(tmp_path):
-    from curate.runner import PART_READ_THREADS, read_part_files
-
-    paths = []
-    for i in range(PART_READ_THREADS * 2 + 3):  # more parts than threads: order must still hold
-        p = tmp_path / f"part-{i:03d}.parquet"
-        pq.write_table(pa.table({"key": [f"{i:03d}-a", f"{i:03d}-b"], "image": [b"x" * i, b"y"],
-                                 "n": [i, i]}), p)
-        paths.append(str(p))
-    tables = read_part_files(paths, {"key", "n", "not_there"})
-    assert [t.column_names for t in tables] == [["key", "n"]] * len(paths)
-    assert [k for t in tables for k in t["key"].to_pylist()] == [f"{i:03d}-{s}" for i in range(len(paths))
-                                                                 for s in "ab"]
-    assert read_part_files(paths[:1])[0].column_names == ["key", "image", "n"]
-    assert read_part_files([]) == []
-
-
-def test_only_io_bound_actor_stages_write_their_own_parts():
-    from curate.runner import _writes_own_parts
-    from curate.stages import stage_class
-    from curate.stages.base import Resources
-
-    def cfg(use: str):
-        return stage_class(use).Config(use=use)
-
-    cpu, gpu = Resources(num_cpus=1), Resources(num_cpus=1, num_gpus=1)
-    assert _writes_own_parts(cfg("download"), cpu)  # four calls at once: a write overlaps the others
-    assert not _writes_own_parts(cfg("clip_score"), cpu)  # one call at a time: it would wait on writes
-    assert not _writes_own_parts(cfg("clip_score"), gpu)
-    assert not _writes_own_parts(cfg("caption_length"), cpu)  # tasks: the zero-CPU writer op follows

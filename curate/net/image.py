@@ -36,6 +36,13 @@ import cv2
 import numpy as np
 from PIL import Image
 
+#: Reasons img2dataset counts as ``failed_to_resize`` (a download that arrived but is no usable
+#: image); every other reason of the download stage is ``failed_to_download``.
+FAILED_TO_RESIZE = frozenset({
+    "not_an_image", "decode_error", "decompression_bomb", "image_too_small", "image_too_large_area",
+    "image_aspect_ratio", "encode_error",
+})
+
 log = logging.getLogger(__name__)
 
 ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]

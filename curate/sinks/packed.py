@@ -34,6 +34,7 @@ from curate import rows
 from curate.errors import CurateError
 from curate.fsutil import atomic_open
 from curate.pack.ffd import first_fit_decreasing
+from curate.sinks.base import ShardRows, ShardWrite, Sink
 from curate.sinks.tar import TarWriter
 from curate.stages.pack import NUM_TOKENS, PACK_TEXT
 
@@ -190,3 +191,18 @@ def summarize_packing(dones: list[dict[str, Any]]) -> dict[str, Any] | None:
             "tokens": tokens, "capacity": capacity, "efficiency": round(tokens / capacity, 6) if capacity else 1.0,
             "max_tokens": entries[0]["max_tokens"], "token_count": entries[0]["token_count"],
             "outputs": [o for e in entries for o in e["outputs"]]}
+
+
+class PackedSink(Sink):
+    """``packed/{webdataset,parquet}/NNNNN.*``: a shard's kept samples packed into sequences."""
+
+    name = "packed"
+
+    def write(self, shard: ShardRows) -> ShardWrite:
+        options = self.ctx.packing
+        packed = write_packed(shard.kept, root=self.ctx.root, shard=shard.shard, options=options) \
+            if options and shard.kept.num_rows else None
+        return ShardWrite(record={"packed": packed})
+
+    def on_complete(self, dones: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"packing": summarize_packing(dones)}

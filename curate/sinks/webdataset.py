@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from curate import rows
 from curate.fsutil import safe_member_path
-from curate.sinks.base import atomic_open
+from curate.sinks.base import ShardRows, ShardWrite, Sink, atomic_open
 from curate.sinks.tar import TarWriter
 
 
@@ -44,3 +44,16 @@ def write_webdataset(kept: pa.Table, path: str, *, caption_column: str = rows.CA
             tar.add(f"{key}.json", json.dumps({k: _jsonable(v) for k, v in m.items()},
                                               ensure_ascii=False).encode("utf-8"))
     return kept.num_rows
+
+
+class WebDatasetSink(Sink):
+    """``webdataset/NNNNN.tar``: the kept samples of a shard."""
+
+    name = "webdataset"
+
+    def write(self, shard: ShardRows) -> ShardWrite:
+        if not shard.kept.num_rows:
+            return ShardWrite()
+        rel = f"webdataset/{shard.name}.tar"
+        n = write_webdataset(shard.kept, f"{self.ctx.root}/{rel}", caption_column=self.ctx.caption_column)
+        return ShardWrite(outputs=[{"path": rel, "format": "webdataset", "num_samples": n}])

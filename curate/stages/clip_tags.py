@@ -70,9 +70,9 @@ from curate import rows
 from curate.errors import EnvironmentProblem, RecipeError
 from curate.models.clip import preprocess_images
 from curate.stages.base import Resources, Stage, StageConfig, StageContext, StageResult
-from curate.stages.registry import register
 from curate.stages.clip_score import INFERENCE_BATCH
 from curate.stages.recaption import alternate_pick  # both stages split a corpus alike
+from curate.stages.registry import register
 
 log = logging.getLogger(__name__)
 

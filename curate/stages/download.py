@@ -86,8 +86,9 @@ from curate.net.fetch import (
     FetchOptions,
     FetchResult,
 )
-from curate.net.image import (
+from curate.net.image import (  # noqa: F401 - FAILED_TO_RESIZE: the reasons this stage reports
     DEFAULT_MAX_PIXELS,
+    FAILED_TO_RESIZE,
     EncodeFormat,
     ImageOptions,
     ImageProcessor,
@@ -112,12 +113,6 @@ DEFAULT_DECODE_THREADS = 2
 #: 256 px JPEGs, while small batches keep shards finishing (and being written) steadily.
 DEFAULT_BATCH_ROWS = 512
 
-#: Reasons img2dataset counts as ``failed_to_resize`` (a download that arrived but is no usable
-#: image); everything else from this stage is ``failed_to_download``.
-FAILED_TO_RESIZE = frozenset({
-    "not_an_image", "decode_error", "decompression_bomb", "image_too_small", "image_too_large_area",
-    "image_aspect_ratio", "encode_error",
-})
 
 
 class DownloadConfig(StageConfig):

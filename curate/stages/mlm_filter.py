@@ -39,10 +39,10 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate import rows
+from curate.stages._vlm import IMAGE_MISSING, VLMStage, VLMStageConfig
 from curate.stages.base import StageResult
 from curate.stages.registry import register
 from curate.vlm.base import load_prompt, render
-from curate.stages._vlm import IMAGE_MISSING, VLMStage, VLMStageConfig
 
 METRICS = ("image_text_matching", "object_detail_fulfillment", "caption_text_quality", "semantic_understanding")
 Metric = Literal["image_text_matching", "object_detail_fulfillment", "caption_text_quality",

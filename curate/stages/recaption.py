@@ -42,10 +42,10 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate import rows
+from curate.stages._vlm import IMAGE_MISSING, VLMStage, VLMStageConfig
 from curate.stages.base import StageResult
 from curate.stages.registry import register
 from curate.vlm.base import Answer, load_prompt, render
-from curate.stages._vlm import IMAGE_MISSING, VLMStage, VLMStageConfig
 
 RECAPTION = "recaption"
 RECAPTION_MODEL = "recaption_model"

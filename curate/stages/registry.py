@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import pkgutil
 import threading
 from importlib.metadata import entry_points
@@ -60,11 +61,10 @@ def discover() -> None:
     with _lock:
         if _discovered:
             return
-        import curate.stages as package
-
-        for info in pkgutil.iter_modules(package.__path__):
+        package = __name__.rsplit(".", 1)[0]  # curate.stages: this module's own folder
+        for info in pkgutil.iter_modules([os.path.dirname(__file__)]):
             if info.name not in _NOT_STAGES and not info.name.startswith("_"):
-                importlib.import_module(f"{package.__name__}.{info.name}")
+                importlib.import_module(f"{package}.{info.name}")
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             try:
                 ep.load()  # a module (its @register classes) or a class decorated with @register
@@ -82,7 +82,14 @@ def stage_classes() -> dict[str, type[Stage]]:
 
 
 def stage_class(use: str) -> type[Stage]:
-    """The class behind ``use: <name>``; KeyError names the known stages."""
+    """The class behind ``use: <name>``; KeyError names the known stages.
+
+    On a worker the stage's module is already imported (unpickling its config did it), so the
+    class is there without importing every other stage module (numba, torch: seconds a worker).
+    """
+    cls = _REGISTRY.get(use)
+    if cls is not None:
+        return cls
     discover()
     try:
         return _REGISTRY[use]

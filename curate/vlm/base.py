@@ -105,7 +105,7 @@ class VLMOptions(BaseModel):
         "auto", description="transformers: bfloat16 on a GPU, float32 on CPU when auto.")
     generation_batch: int = Field(DEFAULT_GENERATION_BATCH, ge=1, description="transformers: images per generate().")
     resume: bool = Field(True, description=(
-        "Keep every reply under <output>/_work/vlm/<stage>/ as it arrives, so a re-run after a crash asks "
+        "Keep every reply under <output>/_work/stages/<stage>/ as it arrives, so a re-run after a crash asks "
         "only what was not answered."))
 
     @field_validator("base_url")

@@ -2,7 +2,7 @@
 
 Layout (under the run's output, so ``--overwrite`` clears it with the rest)::
 
-    <output>/_work/vlm/<stage>/<fingerprint>/<shard>/<worker>-<seq>.jsonl
+    <output>/_work/stages/<stage>/<fingerprint>/<shard>/<worker>-<seq>.jsonl
 
 One JSON line per reply: ``{"k": key, "p": prompt hash, "t": text}``. The fingerprint
 covers the model, generation settings and prompt templates, so changing any of them

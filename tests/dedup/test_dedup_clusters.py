@@ -69,7 +69,7 @@ def test_empty_table():
 
 def test_a_later_global_stage_keeps_an_earlier_ones_duplicate_of():
     from curate import rows
-    from curate.runner import apply_decisions
+    from curate.engine.parts import apply_decisions
 
     batch = pa.table({rows.KEY: ["a", "b", "c", "d"], rows.STATUS: [rows.KEPT] * 4,
                       rows.DROPPED_BY: pa.nulls(4, pa.string()), rows.REASON: pa.nulls(4, pa.string())})

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from curate.stages.base import StageContext
 from curate import rows
 from curate.errors import CurateError
 from curate.pack.tokens import ApproximateCounter, HFTokenizerCounter
+from curate.stages.base import StageContext
 from curate.stages.pack import Pack, PackConfig
 
 

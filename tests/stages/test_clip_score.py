@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.stages.base import StageContext
 from curate.errors import CurateError
 from curate.recipe import load_recipe
 from curate.runner import run
+from curate.stages.base import StageContext
 from curate.stages.clip_score import ClipScore, ClipScoreConfig
 from tests.conftest import write_tar
 
@@ -34,7 +34,7 @@ def _table(images, captions):
 
 
 def test_demo_clip_ranks_matched_above_mismatched():
-    from curate.models.train_demo_clip import roc_auc
+    from curate.demo.train_clip import roc_auc
 
     pairs = _scene_pairs(120, seed=123)
     images = [p[0] for p in pairs]

@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from curate.stages.base import StageContext
 from curate import rows
 from curate.errors import RecipeError
 from curate.recipe import load_recipe
 from curate.runner import run
+from curate.stages.base import StageContext
 from curate.stages.download import FAILED_TO_RESIZE, Download, DownloadConfig
 from tests.net.hostile_server import GOOD_JPEG, HostileServer, bomb_png, jpeg, png
 

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from curate.stages.base import StageContext
 from curate import rows
+from curate.stages.base import StageContext
 from curate.stages.language import LID176_LABELS, Language, LanguageConfig
 from tests.stages.test_rules import make_table
 

@@ -12,8 +12,8 @@ from curate.errors import CurateError, RecipeError
 from curate.recipe import load_recipe
 from curate.stages.mlm_filter import MLMFilterConfig
 from curate.vlm.base import Ask
-from curate.vlm.registry import check_backend
 from curate.vlm.openai import Balancer, OpenAIBackend
+from curate.vlm.registry import check_backend
 from tests.conftest import jpeg_bytes
 from tests.vlm.chat_server import ChatServer, score
 

@@ -62,7 +62,7 @@ def test_killed_run_resumes_asking_only_unanswered_samples(tmp_path, make_recipe
 def _kept_replies(out: Path) -> set[str]:
     """Captions whose replies the resume store holds (keys are the source's ids, s0007 for sample 7)."""
     keys = set()
-    for f in (out / "_work" / "vlm" / "mlm_filter").rglob("*.jsonl"):
+    for f in (out / "_work" / "stages" / "mlm_filter").rglob("*.jsonl"):
         for line in f.read_text().splitlines():
             keys.add(json.loads(line)["k"])
     return {_caption(int(k[1:])) for k in keys}

@@ -1,0 +1,136 @@
+"""The end of a row's way: a committed shard through every sink, then the run's manifest.
+
+``finalize_shard`` runs as a Ray task per shard of the last phase: it reads the
+shard's part files, sorts the rows by key, hands them to each sink and writes the
+shard's ``_done`` marker last. ``write_manifest`` sums the markers on the driver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate import __version__, rows
+from curate.engine.layout import DONE, Layout, ShardMarker, writing
+from curate.engine.parts import read_part_files
+from curate.engine.plan import Phase, stage_name
+from curate.fsutil import write_json
+from curate.manifest import Counts, Manifest, ShardEntry, StageCounters
+from curate.recipe import Recipe
+from curate.sinks.base import ShardRows, Sink, SinkContext, kept_rows
+from curate.sinks.registry import make_sinks
+from curate.stages.registry import stage_class
+
+
+def finalize_shard(*, marker: ShardMarker, formats: list[str], ctx: SinkContext) -> dict[str, Any]:
+    """Write one committed shard through every sink; the ``_done`` marker last. Returns the marker."""
+    tables = read_part_files(marker.parts)
+    table = rows.concat(tables) if tables else pa.table({})
+    table = table.drop([c for c in table.column_names if c == rows.SHARD])
+    if table.num_rows:
+        table = table.take(pc.sort_indices(table[rows.KEY]))
+    dropped: dict[str, dict[str, int]] = {}
+    if table.num_rows:
+        for by, reason in zip(table[rows.DROPPED_BY].to_pylist(), table[rows.REASON].to_pylist(), strict=True):
+            if by is not None:
+                per = dropped.setdefault(by, {})
+                per[reason or "unknown"] = per.get(reason or "unknown", 0) + 1
+    shard = ShardRows(shard=marker.shard, table=table, kept=kept_rows(table) if table.num_rows else table,
+                      dropped=dropped)
+    done: dict[str, Any] = {"shard": marker.shard, "rows": table.num_rows, "kept": shard.kept.num_rows,
+                            "dropped": dropped, "seconds": marker.seconds, "outputs": []}
+    for sink in make_sinks(formats, ctx):
+        with writing(f"{ctx.root} ({sink.name} of shard {shard.name})"):
+            wrote = sink.write(shard)
+        done["outputs"] += wrote.outputs
+        done.update(wrote.record)
+    path = f"{ctx.root}/{DONE}/{shard.name}.json"
+    with writing(path):
+        write_json(path, done)
+    return done
+
+
+@dataclass
+class Timings:
+    """Where a run's wall-clock time went (seconds), reported in ``manifest.json``."""
+
+    #: process start to the engine's ``run()`` (interpreter start-up, imports, recipe loading)
+    process_start_to_run: float = 0.0
+    #: ``ray.init`` (0 when Ray was already running in this process)
+    ray_start: float = 0.0
+    #: process start to the first rows back from the first phase that ran
+    first_row: float | None = None
+    #: wall-clock seconds per phase that ran, in order
+    phases: list[float] = field(default_factory=list)
+    #: the global stages between phases
+    globals: float = 0.0
+    #: after the last rows came back: the last finalize tasks, the manifest, the statistics
+    finalize: float = 0.0
+    #: process start to the manifest
+    total: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 3) if isinstance(v, float) else [round(x, 3) for x in v] if isinstance(v, list) else v)
+                for k, v in self.__dict__.items()}
+
+
+def write_manifest(recipe: Recipe, layout: Layout, phases: list[Phase], specs: list[dict[str, Any]],
+                   global_info: dict[str, dict[str, Any]], sinks: list[Sink], *, elapsed: float,
+                   timings: Timings | None = None) -> Manifest:
+    """Sum the ``_done`` markers into ``manifest.json``; ``complete`` once every shard has one."""
+    if not global_info:
+        for ph in phases:
+            p = f"{layout.decisions_dir(ph.index)}/_info.json"
+            if layout.exists(p):
+                global_info.update(layout.read_json(p))
+    done_shards = layout.shards_in(layout.path(DONE))
+    dones = sorted((layout.read_json(layout.done(s["shard"])) for s in specs if s["shard"] in done_shards),
+                   key=lambda d: d["shard"])
+    total = sum(d["rows"] for d in dones)
+    dropped: dict[str, dict[str, int]] = {}
+    seconds: dict[str, float] = {}
+    for d in dones:
+        for by, reasons in d["dropped"].items():
+            for reason, n in reasons.items():
+                dropped.setdefault(by, {})[reason] = dropped.get(by, {}).get(reason, 0) + n
+        for k, v in d["seconds"].items():
+            seconds[k] = seconds.get(k, 0.0) + v
+    counters: list[StageCounters] = []
+    alive = total
+    order = [("source", "source", "source")] + [(stage_name(c), c.use, stage_class(c.use).kind)
+                                                 for c in recipe.stages]
+    for name, use, kind in order:
+        d = dropped.get(name, {})
+        n_drop = sum(d.values())
+        if name == "source" and not d:
+            continue
+        info = dict(global_info.get(name, {}))
+        secs = info.pop("seconds", None) if kind == "global" else seconds.get(name, 0.0)
+        counters.append(StageCounters(name=name, use=use, kind=kind, rows_in=alive, kept=alive - n_drop,
+                                      dropped=d, seconds=round(secs or 0.0, 3), info=info))
+        alive -= n_drop
+    complete = len(dones) == len(specs)
+    extra: dict[str, Any] = {}
+    for sink in sinks:
+        extra.update(sink.on_complete(dones))
+    manifest = Manifest(
+        curate_version=__version__, recipe=recipe.resolved(), recipe_fingerprint=recipe.fingerprint(),
+        complete=complete, shards=[ShardEntry(**o) for d in dones for o in d["outputs"]],
+        ledger=[d["ledger"] for d in dones if d.get("ledger")],
+        counts=Counts(input=total, kept=sum(d["kept"] for d in dones), dropped=dropped), stages=counters,
+        stats={}, packing=extra.get("packing"), elapsed_seconds=round(elapsed, 3),
+        timings=timings.as_dict() if timings else {},
+    )
+    layout.write_json(layout.path("manifest.json"), manifest.model_dump(mode="json"))
+    return manifest
+
+
+def cleanup_work(layout: Layout, phases: list[Phase]) -> None:
+    """After a complete run, part files are no longer needed (the outputs hold everything)."""
+    for ph in phases:
+        parts = layout.parts_dir(ph.index)
+        if layout.exists(parts):
+            layout.fs.rm(parts, recursive=True)

@@ -1,0 +1,274 @@
+"""Run the phases of a plan: stream a per-sample phase and commit its shards, run the global stages.
+
+A per-sample phase's dataset yields part reports; when a shard's rows are all
+back (their count equals the shard's row count, carried by its last batch) the
+driver commits the shard with a marker listing its parts. In the final phase a
+committed shard is handed at once to a finalize task (:mod:`curate.engine.finalize`).
+The global stages after a phase read only the columns they need from the
+committed parts and write a decisions table that the next phase joins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate import rows
+from curate.engine.dataset import build_dataset
+from curate.engine.events import GlobalsDone, OnProgress, PhaseEnded, PhaseStarted, RowsDone
+from curate.engine.finalize import Timings, finalize_shard
+from curate.engine.layout import Layout, ShardMarker, pending
+from curate.engine.parts import apply_decisions, read_part_files
+from curate.engine.plan import Phase, Plan, stage_name
+from curate.engine.session import cluster_cpus
+from curate.errors import InputError
+from curate.fsutil import atomic_open
+from curate.recipe import Recipe
+from curate.sinks.base import SinkContext
+from curate.sources.base import Source
+from curate.stages.base import GlobalStage
+from curate.stages.registry import stage_class
+
+log = logging.getLogger(__name__)
+
+#: Finalize tasks queued at once; each holds one shard's parts in memory.
+MAX_FINALIZE_IN_FLIGHT = 8
+
+
+@dataclass
+class RunState:
+    """What every phase of one run shares."""
+
+    recipe: Recipe
+    source: Source
+    plan: Plan
+    specs: list[dict[str, Any]]
+    layout: Layout
+    sink_ctx: SinkContext
+    on_progress: OnProgress
+    timings: Timings
+    process_started: float
+    global_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: when (perf_counter) the last phase's rows were all back: what follows is finalize time
+    rows_back_at: float | None = None
+
+
+class Finalizer:
+    """Finalize tasks for committed shards of the last phase, a bounded number in flight."""
+
+    def __init__(self, run: RunState) -> None:
+        import ray
+
+        self.run = run
+        self.remote = ray.remote(num_cpus=0, max_retries=3)(finalize_shard)  # I/O: never wait behind actors
+        # one per CPU at most (each may start a worker process), and never more than the memory cap
+        self.max_in_flight = min(MAX_FINALIZE_IN_FLIGHT, cluster_cpus())
+        self.in_flight: list = []
+
+    def submit(self, marker: ShardMarker) -> None:
+        import ray
+
+        self.in_flight.append(self.remote.remote(marker=marker, formats=list(self.run.recipe.write.formats),
+                                                 ctx=self.run.sink_ctx))
+        while len(self.in_flight) >= self.max_in_flight:
+            ready, self.in_flight = ray.wait(self.in_flight, num_returns=1)
+            ray.get(ready)
+
+    def wait(self) -> None:
+        import ray
+
+        try:
+            ray.get(self.in_flight)
+        except BaseException:
+            self.settle()
+            raise
+        self.in_flight = []
+
+    def settle(self) -> None:
+        """Let finalize tasks still running end before the run raises: none keeps writing behind the
+        user's back (or the re-run's), and their own errors (a full disk hits them all) are not logged
+        as unhandled."""
+        import ray
+
+        for ref in self.in_flight:
+            with contextlib.suppress(Exception):
+                ray.get(ref)
+        self.in_flight = []
+
+
+@dataclass
+class _Shard:
+    rows: int = 0
+    total: int | None = None
+    parts: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_phase(run: RunState, phase: Phase) -> list[dict[str, Any]]:
+    """Run one phase over its pending shards; return the source shards that could not be read."""
+    layout = run.layout
+    todo = pending(layout, phase=phase.index, final=phase.final, specs=run.specs)
+    failed: list[dict[str, Any]] = []
+    if not todo:
+        return failed
+    finalizer = Finalizer(run) if phase.final else None
+    if finalizer is not None:
+        for s in todo.finalize_only:
+            finalizer.submit(layout.read_marker(phase.index, s["shard"]))
+    if todo.to_run:
+        t_start = time.perf_counter()
+        try:
+            failed = _stream(run, phase, todo.to_run, finalizer)
+        except BaseException:
+            if finalizer is not None:
+                finalizer.settle()
+            raise
+        run.rows_back_at = time.perf_counter()
+        run.timings.phases.append(run.rows_back_at - t_start)
+        run.on_progress(PhaseEnded(phase.index, run.rows_back_at - t_start))
+    if finalizer is not None and finalizer.in_flight:
+        t0 = time.perf_counter()
+        finalizer.wait()
+        log.info("phase %d: waited %.1fs for the last finalize tasks", phase.index, time.perf_counter() - t0)
+    return failed
+
+
+def _stream(run: RunState, phase: Phase, to_run: list[dict[str, Any]], finalizer: Finalizer | None
+            ) -> list[dict[str, Any]]:
+    layout = run.layout
+    if phase.index == 0:
+        specs = to_run
+        global_names: list[str] = []
+    else:
+        prev = phase.index - 1
+        specs = [{"shard": s["shard"], "kind": "parts", "parts": layout.read_marker(prev, s["shard"]).parts}
+                 for s in to_run]
+        global_names = [stage_name(g) for g in run.plan.phases[prev].globals_after]
+    ds = build_dataset(run.recipe, run.source, phase, specs, layout, global_names)
+    run.on_progress(PhaseStarted(phase.index, len(run.plan.phases), len(to_run),
+                                 sum(s.get("rows", 0) for s in to_run) or None,
+                                 tuple(stage_name(c) for c in phase.stages)))
+    state = {s["shard"]: _Shard() for s in to_run}
+    committed: set[int] = set()
+
+    def commit(shard: int) -> None:
+        st = state[shard]
+        marker = ShardMarker(shard=shard, rows=st.rows, parts=st.parts, seconds=st.seconds)
+        if phase.index > 0:  # carry the seconds of earlier phases
+            for k, v in layout.read_marker(phase.index - 1, shard).seconds.items():
+                marker.seconds[k] = marker.seconds.get(k, 0.0) + v
+        layout.write_marker(phase.index, marker)
+        committed.add(shard)
+        if finalizer is not None:
+            finalizer.submit(marker)
+
+    for out in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        if run.timings.first_row is None:
+            run.timings.first_row = time.time() - run.process_started
+            log.info("phase %d: first rows back %.1fs after the process started", phase.index,
+                     run.timings.first_row)
+        for r in out.to_pylist():
+            st = state[r["shard"]]
+            st.rows += r["rows"]
+            st.parts.append(r["path"])
+            for k, v in json.loads(r["seconds"]).items():
+                st.seconds[k] = st.seconds.get(k, 0.0) + v
+            if r["total"] is not None:
+                st.total = r["total"]
+            run.on_progress(RowsDone(phase.index, r["rows"], r["kept"]))
+            if st.total is not None:
+                if st.rows == st.total:
+                    commit(r["shard"])
+                elif st.rows > st.total:
+                    raise RuntimeError(f"shard {r['shard']}: {st.rows} rows written, {st.total} read")
+    failed = []
+    for shard, st in state.items():
+        if shard in committed:
+            continue
+        if phase.index == 0 and layout.exists(layout.source_error(shard)):
+            failed.append(layout.read_json(layout.source_error(shard)))
+        elif st.rows == 0 and st.total is None:
+            commit(shard)  # an empty input shard
+        else:
+            raise RuntimeError(f"shard {shard}: only {st.rows} of {st.total} rows came back")
+    return failed
+
+
+def run_globals(run: RunState, phase: Phase) -> None:
+    """Run the global stages after ``phase`` over keys and small columns of every committed shard."""
+    layout = run.layout
+    gdir = layout.decisions_dir(phase.index)
+    info_path = f"{gdir}/_info.json"
+    if layout.exists(info_path):
+        run.global_info.update(layout.read_json(info_path))
+        return
+    t_start = time.perf_counter()
+    names = [stage_name(g) for g in phase.globals_after]
+    stages: list[GlobalStage] = [stage_class(g.use)(g) for g in phase.globals_after]  # type: ignore[misc]
+    wanted = {rows.KEY, rows.STATUS, rows.DROPPED_BY, rows.REASON}
+    for st in stages:
+        wanted.update(st.input_columns())
+    owners: list[int] = []
+    paths: list[str] = []
+    for s in run.specs:
+        marker = layout.read_marker(phase.index, s["shard"])
+        owners += [s["shard"]] * len(marker.parts)
+        paths += marker.parts
+    tables = [t.append_column(rows.SHARD, pa.array([shard] * t.num_rows, pa.int64()))
+              for shard, t in zip(owners, read_part_files(paths, wanted), strict=True)]
+    table = rows.concat(tables)
+    del tables
+    if table.num_rows and pc.count_distinct(table[rows.KEY]).as_py() != table.num_rows:
+        counts = pc.value_counts(table[rows.KEY])
+        repeated = [c["values"] for c in counts.to_pylist() if c["counts"] > 1][:5]
+        raise InputError(f"global stages need unique keys; repeated: {repeated}. Set source.key_col to a "
+                         "unique column, or leave it unset so curate numbers the rows")
+    info: dict[str, dict[str, Any]] = {}
+    for st, name in zip(stages, names, strict=True):
+        t0 = time.perf_counter()
+        decisions, st_info = _decide(st, table)
+        _write_table(f"{gdir}/{name}.parquet", decisions)
+        if table.num_rows:  # later global stages see only what this one kept
+            table = apply_decisions(table, decisions.drop([rows.SHARD]), name)
+        st_info["seconds"] = time.perf_counter() - t0
+        info[name] = st_info
+    layout.write_json(info_path, info)
+    run.global_info.update(info)
+    # Arrow's allocator (jemalloc) keeps freed pages for reuse: without this the driver holds the
+    # global phase's peak (~1 KB a row) through every later phase.
+    del table
+    pa.default_memory_pool().release_unused()
+    seconds = time.perf_counter() - t_start
+    run.timings.globals += seconds
+    run.on_progress(GlobalsDone(phase.index, tuple(names), seconds))
+
+
+def _decide(st: GlobalStage, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
+    """One global stage's decisions over the rows still kept, with each decided row's shard attached
+    (so each shard reads only its own decisions)."""
+    # only the columns this stage reads: a copy of every column of every row would double the driver's share
+    cols = dict.fromkeys([rows.KEY, rows.SHARD, rows.STATUS, rows.DROPPED_BY, rows.REASON, *st.input_columns()])
+    view = table.select([c for c in cols if c in table.column_names])
+    live = view.filter(pc.equal(view[rows.STATUS], rows.KEPT)) if table.num_rows else view
+    if live.num_rows:
+        decisions, info = st.decide(live)
+    else:
+        decisions, info = pa.table({rows.KEY: pa.array([], pa.string()), rows.REASON: pa.array([], pa.string())}), {}
+    # a hash join in Arrow: a Python dict of every key would cost ~150 B a row on the driver
+    pos = pc.index_in(decisions[rows.KEY].cast(pa.string()),
+                      value_set=live[rows.KEY].combine_chunks().cast(pa.string()))
+    decisions = decisions.append_column(rows.SHARD, live[rows.SHARD].combine_chunks().take(pos).cast(pa.int64()))
+    return decisions.take(pc.sort_indices(decisions, sort_keys=[(rows.SHARD, "ascending")])), info
+
+
+def _write_table(path: str, table: pa.Table) -> None:
+    with atomic_open(path) as f:
+        pq.write_table(table, f, row_group_size=8192)
