@@ -52,7 +52,7 @@ def run(
 
     try:
         r = load_recipe(recipe, overrides=set_, input_path=input, output_path=output, ray_address=ray_address)
-        manifest = run_recipe(r, overwrite=overwrite, progress=progress)
+        manifest = run_recipe(r, overwrite=overwrite, progress=progress, debug=_debug)
     except Exception as e:  # noqa: BLE001 - one paragraph for the user (CurateError), or the type and --debug
         _fail(e)
         return

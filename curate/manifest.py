@@ -33,6 +33,13 @@ class Counts(BaseModel):
     dropped: dict[str, dict[str, int]] = Field(default_factory=dict, description="Stage → reason → rows.")
 
 
+class SourceErrorEntry(BaseModel):
+    shard: int
+    path: str = Field(description="The input file (or files) of the shard.")
+    error: str = Field(description="Why it could not be read.")
+    rows_read: int = Field(description="Rows read before the error; none of them is committed.")
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     curate_version: str
@@ -45,6 +52,8 @@ class Manifest(BaseModel):
     stages: list[StageCounters]
     stats: dict[str, str] = Field(default_factory=dict, description="Name → path of statistics files.")
     packing: dict[str, Any] | None = Field(None, description="Packed sequences: totals, efficiency, files.")
+    source_errors: list[SourceErrorEntry] = Field(default_factory=list, description=(
+        "Input shards that could not be read in the last run; `complete` stays false until a re-run reads them."))
     elapsed_seconds: float
     timings: dict[str, Any] = Field(default_factory=dict, description=(
         "Where the wall-clock time went, in seconds: process_start_to_run, ray_start, first_row (process "

@@ -42,6 +42,10 @@ class RuntimeConfig(BaseModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
     batch_size: int = Field(512, ge=1, description="Rows per batch handed to a stage.")
     read_batch_rows: int = Field(1024, ge=1, description="Rows per batch the source readers emit.")
+    work_unit_rows: int | None = Field(None, ge=1, description=(
+        "Rows per read task: a shard whose size is known up front (URL lists; every shard after the first "
+        "phase) is read as several units so that every worker takes part whatever samples_per_shard is. "
+        "Default: the first stage's batch size."))
     on_source_error: Literal["continue", "fail"] = Field(
         "continue", description="An input shard that cannot be read mid-run (truncated, corrupt): `continue` "
         "commits every other shard, then fails naming the bad files; `fail` stops at the first one.")

@@ -40,8 +40,9 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
         on_progress: OnProgress | None = None, debug: bool = False) -> Manifest:
     """Run a recipe to completion (resuming whatever an earlier run committed) and return its manifest.
 
-    ``on_progress`` receives the engine's events (:mod:`curate.engine.events`); without it,
-    ``progress`` (default: whether stderr is a terminal) draws them with :mod:`curate.progress`.
+    ``on_progress`` receives the engine's events (:mod:`curate.engine.events`); without it they
+    are drawn on stderr by :mod:`curate.progress` (a bar on a terminal, a line every 15 s
+    elsewhere) unless ``progress`` is False.
     """
     started = time.time()
     born = process_started()
@@ -66,8 +67,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
     if on_progress is None:
         from curate.progress import ProgressView
 
-        view = ProgressView(tty=sys.stderr.isatty()) if (sys.stderr.isatty() if progress is None else progress) \
-            else None
+        view = ProgressView(tty=sys.stderr.isatty()) if progress is not False else None
     sink_ctx = SinkContext(root=layout.root, caption_column=recipe.write.caption_column, started=started,
                            packing=plan.packing)
     sinks = make_sinks(list(recipe.write.formats), sink_ctx)

@@ -157,7 +157,7 @@ def test_corrupt_source_shard_other_shards_commit_then_resume(tmp_path, make_rec
 
     bad.write_bytes(good)  # the user fixes the file and re-runs the same command
     manifest = run(load_recipe(recipe))
-    assert manifest.complete
+    assert manifest.complete and manifest.source_errors == []
     _assert_whole(out, keys, tmp_path / "ref")
     assert not (out / "_work" / "source_errors").exists()
 
@@ -179,6 +179,8 @@ def test_corrupt_source_shard_single_phase_commits_the_rest(tmp_path, make_recip
     assert manifest["complete"] is False
     assert manifest["counts"]["input"] == len(tars["000.tar"]) + len(tars["001.tar"])
     assert not (out / "webdataset" / "00002.tar").exists()
+    [failed] = manifest["source_errors"]  # the manifest names the shard, its file and why
+    assert failed["shard"] == 2 and failed["path"].endswith("002.tar") and "002.tar" in failed["error"]
 
 
 def test_corrupt_source_shard_fail_fast(tmp_path, make_recipe, ray_session):

@@ -5,8 +5,10 @@
     from_items(shard specs) ─► read_shards (I/O task) ─► stage … stage ─► write_parts (I/O task)
                                                                           └─ or the last actor writes them
 
-Work items are shard specs; each read task streams a shard's rows in batches of
-``runtime.read_batch_rows``, each stage maps batches of its ``batch_size``, and
+Work items are units of shards (:func:`curate.engine.phases.work_units`): Ray Data
+gathers a task's output into blocks of up to 128 MiB, so a task per shard of URL
+rows would make the whole shard one block for one actor while the others idle.
+Each read task streams its unit's rows in batches of ``runtime.read_batch_rows``, each stage maps batches of its ``batch_size``, and
 the last op reports the part files it stored (:data:`curate.engine.parts.PART_REPORT`).
 """
 
@@ -25,9 +27,9 @@ from curate.recipe import Recipe
 from curate.sources.base import Source
 
 
-def build_dataset(recipe: Recipe, source: Source, phase: Phase, specs: list[dict[str, Any]], layout: Layout,
+def build_dataset(recipe: Recipe, source: Source, phase: Phase, units: list[dict[str, Any]], layout: Layout,
                   global_names: list[str]):
-    """The streaming dataset that runs ``phase`` over ``specs`` and yields part reports."""
+    """The streaming dataset that runs ``phase`` over ``units`` and yields part reports."""
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -35,7 +37,7 @@ def build_dataset(recipe: Recipe, source: Source, phase: Phase, specs: list[dict
     # I/O tasks take no CPU share, so actor pools can never starve them, and run at most one per
     # CPU: with no cap Ray would boot a fresh worker process per task (about 1 s each).
     io_tasks = TaskPoolStrategy(size=cluster_cpus())
-    items = [json.dumps(s) for s in specs]
+    items = [json.dumps(u) for u in units]
     ds = ray.data.from_items([{"spec": s} for s in items], override_num_blocks=len(items))
     ds = ds.map_batches(
         read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0, compute=io_tasks,
@@ -45,12 +47,6 @@ def build_dataset(recipe: Recipe, source: Source, phase: Phase, specs: list[dict
                    "errors_dir": layout.source_errors(), "on_source_error": recipe.runtime.on_source_error},
     )
     fitted = fit_resources(phase.stages, cluster)
-    # Ray Data gathers a task's output into blocks of up to 128 MiB: a shard of URL rows would
-    # be one block, and one actor would download the whole shard while the others idle. Blocks
-    # of one batch of the first stage let every worker take part, whatever samples_per_shard is
-    # (fused into the read tasks: no extra op).
-    first_batch = (fitted[0].res.batch_size if fitted else None) or recipe.runtime.batch_size
-    ds = ds.repartition(target_num_rows_per_block=first_batch)
     parts_dir = layout.parts_dir(phase.index)
     own_parts = bool(fitted) and writes_own_parts(fitted[-1])
     for i, f in enumerate(fitted):

@@ -18,7 +18,7 @@ from curate.engine.layout import DONE, Layout, ShardMarker, writing
 from curate.engine.parts import read_part_files
 from curate.engine.plan import Phase, stage_name
 from curate.fsutil import write_json
-from curate.manifest import Counts, Manifest, ShardEntry, StageCounters
+from curate.manifest import Counts, Manifest, ShardEntry, SourceErrorEntry, StageCounters
 from curate.recipe import Recipe
 from curate.sinks.base import ShardRows, Sink, SinkContext, kept_rows
 from curate.sinks.registry import make_sinks
@@ -116,12 +116,15 @@ def write_manifest(recipe: Recipe, layout: Layout, phases: list[Phase], specs: l
     extra: dict[str, Any] = {}
     for sink in sinks:
         extra.update(sink.on_complete(dones))
+    errors_dir = layout.source_errors()
+    source_errors = [SourceErrorEntry(**layout.read_json(f"{errors_dir}/{name}"))
+                     for name in sorted(layout.listdir_names(errors_dir)) if name.endswith(".json")]
     manifest = Manifest(
         curate_version=__version__, recipe=recipe.resolved(), recipe_fingerprint=recipe.fingerprint(),
         complete=complete, shards=[ShardEntry(**o) for d in dones for o in d["outputs"]],
         ledger=[d["ledger"] for d in dones if d.get("ledger")],
         counts=Counts(input=total, kept=sum(d["kept"] for d in dones), dropped=dropped), stages=counters,
-        stats={}, packing=extra.get("packing"), elapsed_seconds=round(elapsed, 3),
+        stats={}, packing=extra.get("packing"), source_errors=source_errors, elapsed_seconds=round(elapsed, 3),
         timings=timings.as_dict() if timings else {},
     )
     layout.write_json(layout.path("manifest.json"), manifest.model_dump(mode="json"))

@@ -48,8 +48,9 @@ PART_REPORT = pa.schema([("shard", pa.int64()), ("rows", pa.int64()), ("kept", p
 def read_shards(items: pa.Table, *, source: Source | None, decisions_dir: str | None,
                 global_names: list[str], batch_rows: int, errors_dir: str | None = None,
                 on_source_error: str = "continue") -> Iterator[pa.Table]:
-    """Yield the rows of each shard in ``items``; the last batch carries the shard's row count.
+    """Yield the rows of each work unit in ``items``; a whole shard's last batch carries its row count.
 
+    A unit of a shard (``unit`` in its spec) carries no count: the driver knows the shard's size.
     A source shard that fails mid-read (truncated tar, corrupt Parquet) never gets that last
     batch, so it is never committed: its error is recorded under ``errors_dir`` for the driver,
     and the task goes on with its next shard — or, with ``on_source_error: fail``, raises.
@@ -82,7 +83,7 @@ def read_shards(items: pa.Table, *, source: Source | None, decisions_dir: str | 
                 raise err from e
             continue
         if prev is not None:
-            yield tag(prev, shard, total)
+            yield tag(prev, shard, None if "unit" in spec else total)
 
 
 def record_source_error(spec: dict[str, Any], e: Exception, rows_read: int, errors_dir: str) -> SourceError:

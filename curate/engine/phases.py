@@ -141,22 +141,45 @@ def run_phase(run: RunState, phase: Phase) -> list[dict[str, Any]]:
     return failed
 
 
+def work_units(run: RunState, phase: Phase, to_run: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
+                                                                                   dict[int, int | None]]:
+    """The read tasks of a phase, and each shard's row count where it is known before reading.
+
+    A shard whose size is known is cut into units of about ``runtime.work_unit_rows`` rows (phase 0:
+    the source's :meth:`~curate.sources.base.Source.split`; later phases: groups of the shard's part
+    files, whose rows the previous phase counted). Other shards are one unit, and their size
+    arrives with their last batch.
+    """
+    first = phase.stages[0] if phase.stages else None
+    unit_rows = run.recipe.runtime.work_unit_rows or (first.resources.batch_size if first else None) \
+        or run.recipe.runtime.batch_size
+    units: list[dict[str, Any]] = []
+    expected: dict[int, int | None] = {}
+    for s in to_run:
+        if phase.index == 0:
+            split = run.source.split(s, unit_rows)
+            units += split
+            expected[s["shard"]] = s["rows"] if any("unit" in u for u in split) else None
+            continue
+        marker = run.layout.read_marker(phase.index - 1, s["shard"])
+        per = max(1, round(len(marker.parts) * unit_rows / marker.rows)) if marker.rows else len(marker.parts) or 1
+        groups = [marker.parts[i:i + per] for i in range(0, len(marker.parts), per)] or [[]]
+        units += [{"shard": s["shard"], "kind": "parts", "parts": g, "unit": [i, len(groups)]}
+                  for i, g in enumerate(groups)]
+        expected[s["shard"]] = marker.rows
+    return units, expected
+
+
 def _stream(run: RunState, phase: Phase, to_run: list[dict[str, Any]], finalizer: Finalizer | None
             ) -> list[dict[str, Any]]:
     layout = run.layout
-    if phase.index == 0:
-        specs = to_run
-        global_names: list[str] = []
-    else:
-        prev = phase.index - 1
-        specs = [{"shard": s["shard"], "kind": "parts", "parts": layout.read_marker(prev, s["shard"]).parts}
-                 for s in to_run]
-        global_names = [stage_name(g) for g in run.plan.phases[prev].globals_after]
-    ds = build_dataset(run.recipe, run.source, phase, specs, layout, global_names)
+    global_names = [stage_name(g) for g in run.plan.phases[phase.index - 1].globals_after] if phase.index else []
+    units, expected = work_units(run, phase, to_run)
+    ds = build_dataset(run.recipe, run.source, phase, units, layout, global_names)
     run.on_progress(PhaseStarted(phase.index, len(run.plan.phases), len(to_run),
                                  sum(s.get("rows", 0) for s in to_run) or None,
                                  tuple(stage_name(c) for c in phase.stages)))
-    state = {s["shard"]: _Shard() for s in to_run}
+    state = {s["shard"]: _Shard(total=expected[s["shard"]]) for s in to_run}
     committed: set[int] = set()
 
     def commit(shard: int) -> None:
@@ -195,7 +218,7 @@ def _stream(run: RunState, phase: Phase, to_run: list[dict[str, Any]], finalizer
             continue
         if phase.index == 0 and layout.exists(layout.source_error(shard)):
             failed.append(layout.read_json(layout.source_error(shard)))
-        elif st.rows == 0 and st.total is None:
+        elif st.rows == 0 and not st.total:
             commit(shard)  # an empty input shard
         else:
             raise RuntimeError(f"shard {shard}: only {st.rows} of {st.total} rows came back")

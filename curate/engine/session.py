@@ -6,12 +6,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -49,7 +53,9 @@ def start_ray(*, ray_address: str | None, num_cpus: float | None, debug: bool = 
         configure_ray_data(debug=debug)
         return 0.0
     t0 = time.perf_counter()
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
+    if not debug:
+        quiet_ray()
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.INFO if debug else logging.ERROR,
                               "log_to_driver": debug or os.environ.get("CURATE_RAY_LOGS") == "1"}
     if ray_address:
         import curate
@@ -62,11 +68,58 @@ def start_ray(*, ray_address: str | None, num_cpus: float | None, debug: bool = 
     if local:  # a cluster refuses _system_config from a joining driver
         cpus = num_cpus or os.cpu_count() or 1
         kwargs["_system_config"] = {"num_workers_soft_limit": int(math.ceil(cpus)) * IDLE_WORKERS_PER_CPU}
-    ray.init(**kwargs)
+    if debug:
+        ray.init(**kwargs)
+    else:
+        with _ray_lines_dropped():
+            ray.init(**kwargs)
     global _started_local_ray
     _started_local_ray = local
     configure_ray_data(debug=debug)
     return time.perf_counter() - t0
+
+
+#: Ray's C++ log level unless the user set one: its warnings (e.g. "actor constructor arguments in
+#: the object store", which every Ray Data actor pool has) are not the user's to act on.
+QUIET_BACKEND_LOG_LEVEL = "fatal"
+
+
+def quiet_ray() -> None:
+    """A normal run prints no Ray log lines (``--debug`` shows them): Ray's Python loggers at ERROR,
+    its C++ core at fatal, Ray Data's advice about its own operators (UserWarning) ignored."""
+    import warnings
+
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", QUIET_BACKEND_LOG_LEVEL)
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.")
+
+
+#: A line of Ray's C++ log: "[2026-12-01 08:50:05,390 I 16003 16003] logging.cc:303: ...".
+_RAY_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] ")
+
+
+@contextlib.contextmanager
+def _ray_lines_dropped() -> Iterator[None]:
+    """While Ray starts, its core writes to this process's stderr (fd 2) before it reads its log
+    level; keep those lines out of the user's terminal and pass everything else through."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().splitlines(keepends=True):
+                if not _RAY_LOG_LINE.match(line):
+                    os.write(2, line)
 
 
 def configure_ray_data(*, debug: bool = False) -> None:
@@ -75,8 +128,7 @@ def configure_ray_data(*, debug: bool = False) -> None:
 
     ctx = DataContext.get_current()
     if not debug and not log.isEnabledFor(logging.DEBUG):
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # the CLI draws its own bar
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # the CLI draws its own progress
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False

@@ -137,4 +137,11 @@ class Source(ABC):
 
     @abstractmethod
     def read_shard(self, spec: dict[str, Any], batch_rows: int) -> Iterator[pa.Table]:
-        """Yield the shard's rows in batches."""
+        """Yield the shard's rows in batches (only the unit's rows for a spec from :meth:`split`)."""
+
+    def split(self, spec: dict[str, Any], unit_rows: int) -> list[dict[str, Any]]:
+        """Work units of one planned shard, read by separate tasks so that every worker takes part
+        whatever ``samples_per_shard`` is. A unit keeps the shard's ``shard`` and ``rows`` and adds
+        ``unit`` = [first row, rows]; the shard then commits once ``rows`` rows are back. The default,
+        for sources that learn a shard's size only by reading it (tars), is the whole shard."""
+        return [spec]

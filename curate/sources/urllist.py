@@ -235,11 +235,26 @@ class UrlListSource(Source):
             raise InputError(f"source.path: {self.config.path} holds no rows")
         return specs
 
+    def split(self, spec: dict[str, Any], unit_rows: int) -> list[dict[str, Any]]:
+        """A planned shard's rows are known (its chunk file): units of ``unit_rows`` rows."""
+        n = int(spec.get("rows") or 0)
+        if n <= unit_rows:
+            return [spec]
+        return [{**spec, "unit": [first, min(unit_rows, n - first)]} for first in range(0, n, unit_rows)]
+
     def read_shard(self, spec: dict[str, Any], batch_rows: int) -> Iterator[pa.Table]:
+        first, count = spec.get("unit") or (0, None)
         with fsspec.open(spec["path"], "rb") as f:
             pf = pq.ParquetFile(f)
+            seen = 0
             for b in pf.iter_batches(batch_size=batch_rows):
-                t = pa.Table.from_batches([b])
+                lo, hi = max(first - seen, 0), b.num_rows if count is None else min(first + count - seen, b.num_rows)
+                seen += b.num_rows
+                if hi <= lo:
+                    if count is not None and seen >= first + count:
+                        break
+                    continue
+                t = pa.Table.from_batches([b]).slice(lo, hi - lo)
                 cols = base_columns(t.num_rows)
                 for name, arr in cols.items():
                     t = t.append_column(name, arr)
