@@ -43,6 +43,7 @@ class ProgressView:
                 self._line()
         elif isinstance(event, PhaseEnded):
             if self._bar is not None:
+                self._bar.update(self._task, total=self._rows, completed=self._rows)  # size unknown up front
                 self._bar.stop()
                 self._bar = None
             else:
@@ -86,7 +87,8 @@ class ProgressView:
 
         class RowsPerSecond(ProgressColumn):
             def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
-                speed = task.finished_speed or task.speed
+                elapsed = task.elapsed or 0.0
+                speed = task.completed / elapsed if elapsed > 0 and task.completed else None
                 return Text(f"{speed:,.0f} rows/s" if speed else "- rows/s", style="progress.data.speed")
 
         self._bar = Progress(
