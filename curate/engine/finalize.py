@@ -20,7 +20,7 @@ from curate.engine.plan import Phase, stage_name
 from curate.fsutil import write_json
 from curate.manifest import Counts, Manifest, ShardEntry, SourceErrorEntry, StageCounters
 from curate.recipe import Recipe
-from curate.sinks.base import ShardRows, Sink, SinkContext, kept_rows
+from curate.sinks.base import ShardRows, Sink, SinkContext
 from curate.sinks.registry import make_sinks
 from curate.stages.registry import stage_class
 
@@ -29,17 +29,23 @@ def finalize_shard(*, marker: ShardMarker, formats: list[str], ctx: SinkContext)
     """Write one committed shard through every sink; the ``_done`` marker last. Returns the marker."""
     tables = read_part_files(marker.parts)
     table = rows.concat(tables) if tables else pa.table({})
+    del tables
     table = table.drop([c for c in table.column_names if c == rows.SHARD])
+    kept = table
     if table.num_rows:
-        table = table.take(pc.sort_indices(table[rows.KEY]))
+        # Sort once by key; image bytes are copied only for the kept rows (the sinks that read every
+        # row, the ledger and the stats, never read them).
+        order = pc.sort_indices(table[rows.KEY])
+        is_kept = pc.equal(table[rows.STATUS], rows.KEPT).take(order)
+        kept = table.take(order.filter(is_kept))
+        table = table.drop([c for c in table.column_names if c == rows.IMAGE]).take(order)
     dropped: dict[str, dict[str, int]] = {}
     if table.num_rows:
         for by, reason in zip(table[rows.DROPPED_BY].to_pylist(), table[rows.REASON].to_pylist(), strict=True):
             if by is not None:
                 per = dropped.setdefault(by, {})
                 per[reason or "unknown"] = per.get(reason or "unknown", 0) + 1
-    shard = ShardRows(shard=marker.shard, table=table, kept=kept_rows(table) if table.num_rows else table,
-                      dropped=dropped)
+    shard = ShardRows(shard=marker.shard, table=table, kept=kept, dropped=dropped)
     done: dict[str, Any] = {"shard": marker.shard, "rows": table.num_rows, "kept": shard.kept.num_rows,
                             "dropped": dropped, "seconds": marker.seconds, "outputs": []}
     for sink in make_sinks(formats, ctx):

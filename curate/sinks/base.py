@@ -53,7 +53,8 @@ class SinkContext:
 
 @dataclass
 class ShardRows:
-    """One finalized shard: every row (sorted by key) and the kept ones, with the drop counts."""
+    """One finalized shard: every row sorted by key (without image bytes), the kept rows (with
+    them), and the drop counts."""
 
     shard: int
     table: pa.Table
