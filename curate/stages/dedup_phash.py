@@ -61,8 +61,8 @@ from curate.dedup.phash import (
 from curate.dedup.semantic import EmbeddingError, embedding_matrix, normalise
 from curate.errors import CurateError
 from curate.stages.base import GlobalStage, StageConfig
-from curate.stages.registry import register
 from curate.stages.image_hash import PHASH, hash_stage_for
+from curate.stages.registry import register
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Semantic deduplication (``use: dedup_semantic``, a global stage): SemDeDup over CLIP image embeddings.
 
 Embeddings (``clip_image_emb`` from ``clip_score`` with ``keep_embeddings: true``)
-are L2-normalised and clustered with seeded k-means (k = ⌈√n⌉ unless
+are L2-normalised and clustered with seeded k-means (Lloyd steps and
+the final assignment as Ray tasks over row chunks when Ray is up) (k = ⌈√n⌉ unless
 ``n_clusters`` is given: that balances the k-means cost against the in-cluster
 comparison); inside each cluster every pair with cosine similarity ≥ 1 - ``epsilon``
 is a duplicate pair (:class:`curate.dedup.semantic.SemanticPairs`). Pairs join into
@@ -42,7 +43,7 @@ from pydantic import Field
 
 from curate import rows
 from curate.dedup.clusters import KEEP_FIELD, connected_components, decide_clusters, keep_columns
-from curate.dedup.semantic import MAX_CLUSTER_SIZE, EmbeddingError, SemanticPairs, embedding_matrix
+from curate.dedup.semantic import MAX_CLUSTER_SIZE, EmbeddingError, SemanticPairs, embedding_chunks
 from curate.errors import CurateError
 from curate.stages.base import GlobalStage, StageConfig
 from curate.stages.registry import register
@@ -66,6 +67,13 @@ class DedupSemanticConfig(StageConfig):
     keep: list[str] = KEEP_FIELD
 
 
+def _ray_up() -> bool:
+    """Whether decide() runs under a started Ray (a run): then k-means and the comparison run as Ray tasks."""
+    import ray
+
+    return ray.is_initialized()
+
+
 @register
 class DedupSemantic(GlobalStage[DedupSemanticConfig]):
     """SemDeDup: k-means clusters, pairwise cosine inside each, one sample kept per duplicate cluster."""
@@ -85,17 +93,18 @@ class DedupSemantic(GlobalStage[DedupSemanticConfig]):
                 "`- use: clip_score` with `keep_embeddings: true` before this stage")
         table = table.take(pc.sort_indices(table[rows.KEY]))  # k-means sees rows in key order: shard-independent
         try:
-            valid, x = embedding_matrix(table[cfg.column], f"{self.stage_name}: column {cfg.column!r}")
+            valid, chunks = embedding_chunks(table[cfg.column], f"{self.stage_name}: column {cfg.column!r}")
         except EmbeddingError as e:
             raise CurateError(str(e)) from e
         finder = SemanticPairs(epsilon=cfg.epsilon, n_clusters=cfg.n_clusters, seed=cfg.seed,
                                max_cluster_size=cfg.max_cluster_size)
-        left, right, stats = finder.pairs(x)
+        left, right, stats = finder.pairs_of_chunks(chunks, use_ray=_ray_up())
         labels = connected_components(table.num_rows, valid[left], valid[right])
         decisions, info = decide_clusters(table, labels, reason=REASON, keep=cfg.keep)
         info.update({"epsilon": cfg.epsilon, "threshold": 1.0 - cfg.epsilon, "embedded": int(len(valid)),
                      "kmeans_clusters": stats.clusters, "largest_kmeans_cluster": stats.largest_cluster,
                      "split_clusters": stats.split_clusters, "compared_pairs": stats.compared_pairs,
+                     "kmeans_iterations": stats.kmeans_iterations, "ray_tasks": stats.tasks,
                      "pairs": int(len(left))})
         log.info("%s: %d embeddings in %d clusters, %d pairs ≥ %.3f, %d dropped", self.stage_name, len(valid),
                  stats.clusters, len(left), 1.0 - cfg.epsilon, info["dropped"])

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from curate.dedup import semantic
 from curate.dedup.semantic import SemanticPairs, default_clusters
 from curate.errors import CurateError
 from curate.recipe import load_recipe
@@ -135,7 +136,22 @@ def _scene_bytes(seed: int):
     return buf.getvalue(), small.getvalue(), english_caption(scene, rng)
 
 
-def test_end_to_end_with_the_demo_clip(tmp_path, make_recipe, ray_session):
+def test_ray_tasks_chunks_and_partitions_do_not_change_the_pairs(ray_session, monkeypatch):
+    """Lloyd steps, assignment and the pairwise step as Ray tasks: same pairs as in-process,
+    whatever the chunking of the rows or the number of partitions."""
+    monkeypatch.setattr(semantic, "RAY_MIN_ROWS", 2)
+    keys, vecs, truth = _planted(seed=3, n=1500, copies=120, hard=60)
+    ref = SemanticPairs(epsilon=0.05, seed=4).pairs(vecs)
+    assert len(ref[0]) >= 0.95 * len(truth)
+    for chunk_rows, partitions in [(64, 1), (500, 3), (4096, 7)]:
+        finder = SemanticPairs(epsilon=0.05, seed=4, chunk_rows=chunk_rows, partitions=partitions)
+        left, right, stats = finder.pairs(vecs, use_ray=True)
+        assert np.array_equal(left, ref[0]) and np.array_equal(right, ref[1]), (chunk_rows, partitions)
+        assert stats.tasks > partitions and stats.clusters == ref[2].clusters
+
+
+def test_end_to_end_with_the_demo_clip(tmp_path, make_recipe, ray_session, monkeypatch):
+    monkeypatch.setattr(semantic, "RAY_MIN_ROWS", 2)  # k-means and the comparison as Ray tasks, as at scale
     samples, truth = [], {}
     for i in range(24):
         img, small, cap = _scene_bytes(1000 + i)
@@ -160,4 +176,4 @@ def test_end_to_end_with_the_demo_clip(tmp_path, make_recipe, ray_session):
     assert dropped == truth
     assert {r["dropped_by"] for r in ledger if r["status"] == "dropped"} == {"dedup_semantic"}
     info = next(s for s in m.stages if s.name == "dedup_semantic").info
-    assert info["embedded"] == 38 and info["dropped"] == 14
+    assert info["embedded"] == 38 and info["dropped"] == 14 and info["ray_tasks"] > 0
