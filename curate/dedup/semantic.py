@@ -13,7 +13,7 @@ otherwise — the same functions, the same result:
    ``kmeans_sample`` rows, where each iteration's assignment and per-cluster sums
    run as one task per chunk and the driver only adds the k × d sums (in chunk
    order, float64) into the means (Euclidean k-means on the unit rows, as
-   scikit-learn's); stops when no sample row changes cluster;
+   scikit-learn's); stops when fewer than ``KMEANS_TOL`` of the sample rows change cluster;
 3. every row is assigned to its most similar (cosine) centroid by one task per chunk,
    which also splits its rows by ``cluster % partitions`` (a shuffle);
 4. one task per partition compares the rows of each of its clusters (a cluster
@@ -65,8 +65,10 @@ PAIR_BLOCK = 8_000_000
 #: Rows Lloyd's iterations run on: enough to place sqrt(n) centroids for pools of tens of millions;
 #: every row is then assigned once.
 KMEANS_SAMPLE = 200_000
-#: Lloyd iterations at most (they stop earlier when no sample row changes cluster).
-KMEANS_ITER = 40
+#: Lloyd iterations at most; they stop earlier once fewer than KMEANS_TOL of the sample rows change cluster
+#: (SemDeDup's faiss setting is 100 iterations; near-duplicates sit together long before centroids settle).
+KMEANS_ITER = 20
+KMEANS_TOL = 1e-3
 #: k-means++ seeds centroids from this many sample rows per cluster (its cost is ~10·rows·k·d).
 KMEANS_INIT_PER_CLUSTER = 16
 KMEANS_INIT_MIN = 20_000
@@ -240,7 +242,7 @@ class SemanticPairs:
             stats.kmeans_iterations = it + 1
             moved = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)  # Euclidean means, as sklearn's
             centroids = np.where((counts > 0)[:, None], moved, centroids)  # an empty cluster keeps its centroid
-            if labels is not None and np.array_equal(labels, new_labels):
+            if labels is not None and np.count_nonzero(labels != new_labels) <= KMEANS_TOL * len(labels):
                 break
             labels = new_labels
         return normalise(centroids)  # rows then go to the most similar (cosine) centroid
