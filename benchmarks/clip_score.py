@@ -33,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _harness import ToolFailed, run_curate
+from _harness import ToolFailed, run_curate, sigterm_as_interrupt
 
 
 def make_images(n: int, seed: int = 0) -> tuple[list[bytes], list[str]]:
@@ -122,6 +122,7 @@ def main() -> None:
                    help="CPUs (torch threads) per clip_score actor: 1 is curate's default, one actor per CPU")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
+    sigterm_as_interrupt()
 
     images, captions = make_images(a.images)
     with tempfile.TemporaryDirectory() as tmp:

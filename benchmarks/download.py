@@ -93,6 +93,7 @@ from _harness import (
     read_all,
     run_curate,
     run_img2dataset,
+    sigterm_as_interrupt,
     start_server,
     url_list,
 )
@@ -435,6 +436,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    sigterm_as_interrupt()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
     n, cpus = args.samples, args.cpus

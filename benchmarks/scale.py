@@ -60,7 +60,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from _harness import ToolFailed, describe_timings, run_curate
+from _harness import ToolFailed, describe_timings, run_curate, sigterm_as_interrupt
 
 log = logging.getLogger("scale")
 
@@ -292,6 +292,7 @@ def main() -> None:
     p.add_argument("--keep-output", action="store_true", help="keep each run's output folder")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
+    sigterm_as_interrupt()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     sizes = [int(s) for s in a.sizes.split(",")]

@@ -58,6 +58,16 @@ def affinity(cores: Sequence[int] | None) -> Callable[[], None] | None:
     return lambda: os.sched_setaffinity(0, set(cores))
 
 
+def sigterm_as_interrupt() -> None:
+    """Let SIGTERM (``timeout``, a scheduler) unwind like Ctrl-C, so ``finally`` blocks stop the
+    server and :func:`run_tool` stops the running tool, which lives in its own session."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
