@@ -24,6 +24,7 @@ from .img2dataset import (
 from .procs import (
     MIB,
     REPO,
+    PeakRSS,
     ToolFailed,
     ToolRun,
     TreeMonitor,
@@ -50,6 +51,7 @@ __all__ = [
     "BENCH_VENV",
     "IMG2DATASET_PINS",
     "MIB",
+    "PeakRSS",
     "REPO",
     "CurateRun",
     "Img2datasetRun",

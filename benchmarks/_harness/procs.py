@@ -245,6 +245,41 @@ class TreeMonitor:
         return out
 
 
+class PeakRSS(TreeMonitor):
+    """Peak RSS (summed over the tree) of *this* process and its children above the level
+    before, for a method run in-process (e.g. on a Ray this process started)::
+
+        with PeakRSS() as mem:
+            work()
+        print(mem.mib, mem.cpu_seconds)
+
+    The same sampler as :class:`TreeMonitor` (``rss_sum_peak``: shared pages such as the
+    object store's may count once per process that maps them).
+    """
+
+    def __init__(self, interval: float = 0.1) -> None:
+        super().__init__(os.getpid(), interval=interval)
+        self.sample()
+        self.base = self.rss_sum_peak
+        self._cpu_base = dict(self._cpu)  # CPU from here on
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(v - self._cpu_base.get(k, 0.0) for k, v in self._cpu.items())
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self.sample()
+
+    @property
+    def peak(self) -> int:
+        return self.rss_sum_peak
+
+    @property
+    def mib(self) -> float:
+        return (self.rss_sum_peak - self.base) / MIB
+
+
 # ------------------------------------------------------------------ running a tool
 
 
