@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from curate import rows
 from curate.errors import InputError
 
+#: The download stage's cap on a body (``download.max_bytes``): the same default for a tar member.
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+
 SOURCE_FORMATS = ("auto", "parquet", "csv", "tsv", "json", "jsonl", "txt", "webdataset")
 
 
@@ -35,6 +38,12 @@ class SourceConfig(BaseModel):
     key_col: str | None = Field(None, description="Use this input column as the sample key.")
     columns: list[str] | None = Field(
         None, description="Input columns to carry through to the outputs; default: all of them."
+    )
+    max_bytes: int = Field(
+        DEFAULT_MAX_BYTES, ge=1,
+        description="WebDataset sources: largest tar member read, in bytes (default 20 MiB, the download "
+                    "stage's body cap). A sample with a larger member (image, caption, JSON) is dropped "
+                    "with the reason `too_large`; the member's data is skipped (a seek), never read.",
     )
 
 

@@ -5,7 +5,10 @@ extracted to disk, so absolute or ``..`` member names cannot write anywhere.
 Their keys are still made safe (:func:`curate.fsutil.safe_member_path`), because keys
 become member names of the output tars. Links and device files are never
 followed or read: a sample whose image was one is dropped with the reason
-``tar_link_member`` / ``tar_special_member``. A tar that breaks mid-stream fails
+``tar_link_member`` / ``tar_special_member``. A member larger than
+``source.max_bytes`` (default 20 MiB) is never read: its data is skipped (a seek
+on an uncompressed tar, streamed past in 1 MiB reads on a compressed one) and its
+sample is dropped with ``too_large``. A tar that breaks mid-stream fails
 the run with an error naming the file and the last good member.
 """
 
@@ -24,7 +27,13 @@ import pyarrow as pa
 from curate import rows
 from curate.errors import InputError
 from curate.fsutil import safe_member_path
-from curate.sources.base import Source, base_columns, sha256_hex
+from curate.sources.base import (
+    DEFAULT_MAX_BYTES,
+    Source,
+    base_columns,
+    sha256_hex,
+    strip_compression,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,11 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SKIPPED = "__skipped__"
 LINK_REASON = "tar_link_member"
 SPECIAL_REASON = "tar_special_member"
+#: Sample field set when one of its members was larger than ``source.max_bytes`` (never read).
+TOO_LARGE = "__too_large__"
+TOO_LARGE_REASON = "too_large"
+#: Read size of the stream reader for compressed tars: skipping a large member reads this much at a time.
+STREAM_BUFSIZE = 1 << 20
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -57,12 +71,24 @@ def _skip_reason(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def iter_samples(path: str) -> Iterator[dict[str, bytes]]:
-    """Yield {"__key__": key, ext: bytes, ...} for consecutive members sharing a key."""
+def _open_tar(path: str, f: Any) -> tarfile.TarFile:
+    """An uncompressed, seekable tar is opened for random access, so a skipped member is one seek
+    (on object storage: no bytes fetched); anything else as a stream."""
+    seekable = getattr(f, "seekable", lambda: False)()
+    if seekable and strip_compression(path.lower()) == path.lower():
+        return tarfile.open(fileobj=f, mode="r:*")
+    return tarfile.open(fileobj=f, mode="r|*", bufsize=STREAM_BUFSIZE)
+
+
+def iter_samples(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[dict[str, bytes]]:
+    """Yield {"__key__": key, ext: bytes, ...} for consecutive members sharing a key.
+
+    A member over ``max_bytes`` is not read; its sample gets ``TOO_LARGE`` (the member's name).
+    """
     current: dict[str, Any] | None = None
     last = "(start of file)"
     try:
-        with fsspec.open(path, "rb", compression="infer") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with fsspec.open(path, "rb", compression="infer") as f, _open_tar(path, f) as tar:
             for member in tar:
                 if member.isdir():
                     continue
@@ -74,7 +100,11 @@ def iter_samples(path: str) -> Iterator[dict[str, bytes]]:
                 if reason is None and not member.isfile():
                     reason = SPECIAL_REASON  # any other member type tarfile knows: not plain data either
                 data = None
-                if reason is None:
+                too_large = reason is None and member.size > max_bytes
+                if too_large:
+                    log.warning("%s: member %r is %d bytes, over source.max_bytes=%d: not read",
+                                path, member.name, member.size, max_bytes)
+                elif reason is None:
                     data = tar.extractfile(member).read()  # type: ignore[union-attr]
                 else:
                     log.warning("%s: skipped member %r (%s)", path, member.name, reason)
@@ -82,7 +112,9 @@ def iter_samples(path: str) -> Iterator[dict[str, bytes]]:
                     if current is not None:
                         yield current
                     current = {"__key__": key}
-                if data is not None:
+                if too_large:
+                    current[TOO_LARGE] = member.name
+                elif data is not None:
                     current[ext] = data
                 elif ext in IMAGE_EXTS:
                     current[SKIPPED] = reason
@@ -107,7 +139,7 @@ class WebDatasetSource(Source):
 
     def read_shard(self, spec: dict[str, Any], batch_rows: int) -> Iterator[pa.Table]:
         buf: list[dict[str, Any]] = []
-        for sample in iter_samples(spec["path"]):
+        for sample in iter_samples(spec["path"], self.config.max_bytes):
             buf.append(self._row(sample))
             if len(buf) >= batch_rows:
                 yield _table(buf)
@@ -140,6 +172,8 @@ class WebDatasetSource(Source):
             row[rows.IMAGE_FORMAT] = None
             row[rows.SHA256] = None
             row["_missing_image"] = sample.get(SKIPPED, "image_missing")
+        if TOO_LARGE in sample:  # whatever else the sample holds: one of its members was never read
+            row["_missing_image"] = TOO_LARGE_REASON
         for k, v in meta.items():
             if k in (self.config.url_col, "caption", "key"):
                 continue
