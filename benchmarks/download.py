@@ -95,6 +95,7 @@ from _harness import (
     run_img2dataset,
     sigterm_as_interrupt,
     start_server,
+    tool_env,
     url_list,
 )
 
@@ -246,6 +247,47 @@ def curate_result(recipe: Path, urls: Path, out: Path, *, n: int, cpus: int, sha
                "manifest_elapsed_seconds": r.manifest.get("elapsed_seconds"),
                "stages": r.manifest.get("recipe", {}).get("stages")},
     )
+
+
+STAGE_CPU_SCRIPT = r"""
+import json, sys, time
+import pyarrow as pa, pyarrow.parquet as pq
+from curate.recipe import load_recipe
+from curate.stages.base import StageContext
+from curate.stages.registry import stage_class
+recipe, urls, sets = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+r = load_recipe(recipe, overrides=sets, input_path=urls, output_path="/tmp/unused")
+cfg = next(c for c in r.stages if c.use == "download")
+stage = stage_class("download")(cfg)
+stage.setup(StageContext())
+t = pq.read_table(urls)
+n = t.num_rows
+t = pa.table({"key": [f"{i:09d}" for i in range(n)], "url": t["url"], "caption": t["caption"],
+              "status": pa.array(["kept"] * n), "dropped_by": pa.nulls(n, pa.string()),
+              "reason": pa.nulls(n, pa.string())})
+batch = cfg.resources.batch_size or r.runtime.batch_size
+c0, w0 = time.process_time(), time.perf_counter()
+kept = 0
+for start in range(0, n, batch):
+    out = stage(t.slice(start, batch))
+    kept += sum(1 for s in out["status"].to_pylist() if s == "kept")
+cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+stage.teardown()
+print(json.dumps({"images": n, "kept": kept, "cpu_seconds": cpu, "wall_seconds": wall}))
+"""
+
+
+def stage_cpu(recipe: Path, urls: Path, *, cpus: int, shard: int, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """The download stage alone, in one process (no Ray): CPU seconds per image, the bar the whole
+    run's CPU per image is measured against (engine overhead = run / stage)."""
+    import subprocess
+
+    sets = curate_overrides(recipe, cpus=cpus, shard=shard, extra=extra)
+    proc = subprocess.run([sys.executable, "-c", STAGE_CPU_SCRIPT, str(recipe), str(urls), json.dumps(sets)],
+                          capture_output=True, text=True, env=tool_env(), timeout=TOOL_TIMEOUT)
+    if proc.returncode != 0:
+        raise ToolFailed(f"download stage in-process: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------ report
@@ -400,6 +442,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "each tool's rate over the other N-M: the per-image rate, without the "
                    "start-up both pay once")
     p.add_argument("--only", choices=("curate", "img2dataset"), help="run one tool")
+    p.add_argument("--stage-cpu", action="store_true",
+                   help="also run curate's download stage alone in one process (no Ray) and print each "
+                        "curate run's CPU per image against it: the engine's overhead")
     p.add_argument("--server", choices=("auto", "nginx", "aiohttp"), default="auto",
                    help="static server: nginx when on PATH, else aiohttp (aiohttp with latency)")
     p.add_argument("--server-workers", type=int, default=SERVER_WORKERS,
@@ -508,6 +553,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ToolFailed as e:
                 print(f"ERROR: {label}: {e}", file=sys.stderr)
                 failures[label] = str(e)
+        stage = None
+        if args.stage_cpu:
+            stage = stage_cpu(args.recipe, urls[n], cpus=cpus, shard=shard, extra=args.curate_set)
     finally:
         server.stop()
         keep = args.keep or args.workdir is not None or bool(failures)
@@ -520,6 +568,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"the same on the first {args.also_n} images:")
         print_table(smaller, headline=False)
         marginal = print_marginal(results, smaller)
+    if stage is not None:
+        per = stage["cpu_seconds"] / stage["images"]
+        print(f"download stage alone, one process: {stage['cpu_seconds']:.1f} s CPU for {stage['images']} "
+              f"images ({stage['kept']} kept) = {per * 1000:.2f} ms per image")
+        for r in results:
+            cpu = r.extra.get("cpu_seconds") if r.tool == "curate" else None
+            if cpu:
+                print(f"  {r.label}: whole run {cpu:.1f} s CPU = {cpu / n * 1000:.2f} ms per image = "
+                      f"{cpu / n / per:.2f}x the stage's (goal <= 1.2x)")
     if keep:
         print(f"outputs and logs kept in {workdir}")
     if args.json:
@@ -533,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ratio_against": getattr(best(results, "img2dataset"), "label", None),
             "results": [asdict(r) for r in results], "also_n": args.also_n,
             "results_also_n": [asdict(r) for r in smaller], "marginal": marginal,
-            "failures": failures,
+            "failures": failures, "stage_cpu": stage,
         }, indent=1) + "\n")
     ok = not failures and all(r.successes == r.samples and r.images_in_tars == r.samples
                               for r in results + smaller)
