@@ -4,6 +4,13 @@ Planning streams every input file once on the driver and cuts it into input
 shards of ``samples_per_shard`` rows, written as small Parquet files under the
 run's work folder — the same thing img2dataset does, without loading a whole
 file into memory. Keys are ``<5-digit shard><4-digit index>`` as in img2dataset.
+
+Bad input: a row that cannot be parsed on its own (an invalid JSONL line, a .txt line
+with invalid UTF-8 or a NUL byte) is dropped with ``unparseable_line`` and
+``source_error`` = ``file:line: why``. What makes the rest of a file untrustworthy
+stops the run while planning, before any work, naming ``file:line`` (a CSV/TSV row
+with the wrong column count, a broken quote that swallows the lines after it) or the
+file (a compressed file cut short, a Parquet URL column that holds no text).
 """
 
 from __future__ import annotations
@@ -11,11 +18,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -25,6 +35,12 @@ from curate.fsutil import atomic_open
 from curate.sources.base import Source, base_columns, rename_reserved
 
 STREAM_ROWS = 65536  # rows per read batch while planning: large enough to be fast, small for memory
+
+#: Reason of a row the input file holds but that cannot be parsed (a bad JSON line, invalid UTF-8 or
+#: a NUL byte in a text list); the ledger's ``source_error`` column says ``file:line: what``.
+UNPARSEABLE = "unparseable_line"
+#: Ledger column with ``file:line: what`` for rows dropped as :data:`UNPARSEABLE`.
+SOURCE_ERROR_COL = "source_error"
 
 
 def key_widths(samples_per_shard: int, num_shards_hint: int = 0) -> tuple[int, int]:
@@ -85,6 +101,8 @@ class UrlListSource(Source):
         cfg = self.config
         for path in self.files:
             names = self._header(path)
+            if self.fmt == "parquet" and cfg.url_col in names:
+                self._check_url_type(path)
             missing = [c for c in (cfg.url_col,) if c not in names]
             if cfg.caption_col and self.fmt != "txt" and cfg.caption_col not in names:
                 missing.append(cfg.caption_col)
@@ -98,6 +116,15 @@ class UrlListSource(Source):
                     f"the file has: {', '.join(names) or '(no columns)'}. "
                     "Set source.url_col / source.caption_col to the names used there."
                 )
+
+    def _check_url_type(self, path: str) -> None:
+        """A Parquet URL column must hold strings: numbers there mean the wrong column was named."""
+        with fsspec.open(path, "rb") as f:
+            t = pq.ParquetFile(f).schema_arrow.field(self.config.url_col).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+                or (pa.types.is_dictionary(t) and pa.types.is_string(t.value_type))):
+            raise InputError(f"{path}: column {self.config.url_col!r} holds {t} values, not URLs (text); "
+                             "set source.url_col to the column with the image URLs")
 
     def _batches(self, path: str) -> Iterator[pa.Table]:
         if self.fmt == "parquet":
@@ -124,14 +151,23 @@ class UrlListSource(Source):
         elif self.fmt == "txt":
             with self._open(path) as f:
                 buf: list[str | None] = []
-                for line in io.TextIOWrapper(f, encoding="utf-8", errors="replace"):
-                    line = line.strip()
-                    buf.append(line or None)
+                errs: list[str | None] = []
+
+                def table() -> pa.Table:
+                    t = pa.table({self.config.url_col: pa.array(buf, pa.string())})
+                    if any(errs):
+                        t = t.append_column("_parse_error", pa.array(errs, pa.string()))
+                    return t
+
+                for lineno, raw in enumerate(f, 1):
+                    line, err = _text_line(raw)
+                    buf.append(line)
+                    errs.append(None if err is None else f"{path}:{lineno}: {err}")
                     if len(buf) >= STREAM_ROWS:
-                        yield pa.table({self.config.url_col: pa.array(buf, pa.string())})
-                        buf = []
+                        yield table()
+                        buf, errs = [], []
                 if buf:
-                    yield pa.table({self.config.url_col: pa.array(buf, pa.string())})
+                    yield table()
         elif self.fmt == "jsonl":
             with self._open(path) as f:
                 buf_rows: list[dict] = []
@@ -144,7 +180,7 @@ class UrlListSource(Source):
                             raise ValueError("not a JSON object")
                     except ValueError as e:
                         # A bad row is kept as a row with no URL, so it is dropped with a reason.
-                        obj = {self.config.url_col: None, "_parse_error": f"line {lineno}: {e}"}
+                        obj = {self.config.url_col: None, "_parse_error": f"{path}:{lineno}: {e}"}
                     buf_rows.append(obj)
                     if len(buf_rows) >= STREAM_ROWS:
                         yield _from_rows(buf_rows)
@@ -158,11 +194,88 @@ class UrlListSource(Source):
                 yield _from_rows(data[i : i + STREAM_ROWS])
 
     def _read_or_fail(self, path: str) -> Iterator[pa.Table]:
-        """Batches of one file; a parse error names the file (a malformed CSV row, a broken .gz)."""
+        """Batches of one file; a parse error names the file and, for CSV/TSV, the line (a row with the
+        wrong column count, a broken quote, invalid UTF-8); a compressed file cut short is named too."""
+        n = 0
+        line = 2  # CSV/TSV: physical line of the next row (the header is line 1)
         try:
-            yield from self._batches(path)
+            for t in self._batches(path):
+                if self.fmt in ("csv", "tsv"):
+                    line = self._check_quotes(path, t, line)
+                n += t.num_rows
+                yield t
+        except InputError:
+            raise
+        except (EOFError, zlib.error) as e:
+            raise InputError(f"{path}: the compressed file ends early or is corrupt after {n} rows "
+                             f"(truncated download?): {e}") from e
         except (pa.ArrowInvalid, OSError, UnicodeDecodeError, ValueError) as e:
-            raise InputError(f"{path}: cannot read as {self.fmt}: {e}") from e
+            if self.fmt in ("csv", "tsv") and "compress" not in str(e).lower():
+                where = self._locate_csv_problem(path)
+                if where is not None:
+                    raise InputError(f"{path}:{where[0]}: cannot read as {self.fmt}: {where[1]}") from e
+            raise InputError(f"{path}: cannot read as {self.fmt} (after {n} rows): {e}") from e
+
+    def _check_quotes(self, path: str, t: pa.Table, line: int) -> int:
+        """Stop at a broken quote: a quoted field that swallows the lines after it, which then look like
+        rows of their own (a newline, then a line with the delimiter and a URL). Returns the next line."""
+        sep = "\t" if self.fmt == "tsv" else ","
+        swallowed = re.compile(r"\n[^\n]*(" + sep + r"[^\n]*://|://[^\n]*" + sep + ")")
+        cols = [n for n in t.column_names if pa.types.is_string(t[n].type)
+                and pc.any(pc.fill_null(pc.match_substring(t[n], "\n"), False)).as_py()]
+        if not cols:
+            return line + t.num_rows
+        newlines = pc.fill_null(pc.count_substring(t[cols[0]], "\n"), 0)
+        for name in cols[1:]:
+            newlines = pc.add(newlines, pc.fill_null(pc.count_substring(t[name], "\n"), 0))
+        for name in cols:
+            col = t[name]
+            bad = pc.fill_null(pc.match_substring_regex(col, swallowed.pattern), False)
+            if pc.any(bad).as_py():
+                i = pc.index(bad, True).as_py()
+                start = line + i + (int(pc.sum(newlines.slice(0, i)).as_py() or 0) if i else 0)
+                raise InputError(
+                    f"{path}:{start}: a quoted field in column {name!r} opens on line {start} and runs over "
+                    f"{col[i].as_py().count(chr(10))} more line(s) that look like rows of their own: a broken "
+                    "(unclosed or stray) quote? Fix the quote, or quote the whole field and double the quotes "
+                    "inside it")
+        return line + t.num_rows + int(pc.sum(newlines).as_py() or 0)
+
+    def _locate_csv_problem(self, path: str) -> tuple[int, str] | None:
+        """Re-read a CSV/TSV that Arrow refused, in Python, to find the first bad line (the slow path:
+        only after an error). Returns (line, what is wrong) or None."""
+        sep = "\t" if self.fmt == "tsv" else ","
+        lineno = 0
+
+        def lines() -> Iterator[str]:
+            nonlocal lineno
+            with self._open(path) as f:
+                for raw in f:
+                    lineno += 1
+                    try:
+                        yield raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise _BadLine(lineno, f"invalid UTF-8 at byte {e.start} of the line") from None
+
+        try:
+            reader = csv.reader(lines(), delimiter=sep, strict=True)
+            header = next(reader, None)
+            if header is None:
+                return None
+            while True:
+                start = lineno + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return None
+                except csv.Error as e:
+                    return start, f"{e} (a broken quote?)"
+                if row and len(row) != len(header):
+                    return start, f"{len(row)} columns where the header has {len(header)}"
+        except _BadLine as e:
+            return e.line, e.what
+        except (EOFError, OSError, zlib.error):
+            return None
 
     def _normalise(self, t: pa.Table) -> pa.Table:
         cfg = self.config
@@ -259,7 +372,11 @@ class UrlListSource(Source):
                 for name, arr in cols.items():
                     t = t.append_column(name, arr)
                 if "_parse_error" in t.column_names:
+                    errors = t["_parse_error"]
                     t = t.drop(["_parse_error"])
+                    if errors.null_count < len(errors):
+                        t = rows.with_column(t, SOURCE_ERROR_COL, errors)
+                        t = rows.mark_dropped(t, pc.if_else(pc.is_valid(errors), UNPARSEABLE, pa.scalar(None, pa.string())), "source")
                 yield t
 
 
@@ -334,3 +451,20 @@ def _checked_key(key: str | None, seen: set[str], col: str | None, shard: int) -
                          "(or leave key_col unset and curate numbers the rows)")
     seen.add(key)
     return key
+
+
+class _BadLine(Exception):
+    def __init__(self, line: int, what: str) -> None:
+        super().__init__(f"line {line}: {what}")
+        self.line, self.what = line, what
+
+
+def _text_line(raw: bytes) -> tuple[str | None, str | None]:
+    """A line of a .txt URL list: (the URL or None, why it cannot be used or None)."""
+    try:
+        line = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        return None, f"invalid UTF-8 at byte {e.start} of the line"
+    if "\x00" in line:
+        return None, "a NUL byte in the line"
+    return line or None, None

@@ -8,7 +8,9 @@ followed or read: a sample whose image was one is dropped with the reason
 ``tar_link_member`` / ``tar_special_member``. A member larger than
 ``source.max_bytes`` (default 20 MiB) is never read: its data is skipped (a seek
 on an uncompressed tar, streamed past in 1 MiB reads on a compressed one) and its
-sample is dropped with ``too_large``. A tar that breaks mid-stream fails
+sample is dropped with ``too_large``. A key that an earlier sample of the same
+tar already had (not next to it) is dropped with ``duplicate_key`` under the key
+``<key>_dup<n>``, so the ledger holds every sample once. A tar that breaks mid-stream fails
 the run with an error naming the file and the last good member.
 """
 
@@ -47,6 +49,8 @@ TOO_LARGE = "__too_large__"
 TOO_LARGE_REASON = "too_large"
 #: Read size of the stream reader for compressed tars: skipping a large member reads this much at a time.
 STREAM_BUFSIZE = 1 << 20
+#: Reason of a sample whose key an earlier sample of the same tar already has (not next to it).
+DUPLICATE_KEY_REASON = "duplicate_key"
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -139,8 +143,20 @@ class WebDatasetSource(Source):
 
     def read_shard(self, spec: dict[str, Any], batch_rows: int) -> Iterator[pa.Table]:
         buf: list[dict[str, Any]] = []
+        seen: set[str] = set()
         for sample in iter_samples(spec["path"], self.config.max_bytes):
-            buf.append(self._row(sample))
+            row = self._row(sample)
+            key = row[rows.KEY]
+            if key in seen:  # keys join lineage and dedup: a repeat is dropped and renamed, never merged
+                n = 1
+                while f"{key}_dup{n}" in seen:
+                    n += 1
+                log.warning("%s: key %r appears again (not next to its first members); that sample is dropped "
+                            "as %s under the key %r", spec["path"], key, DUPLICATE_KEY_REASON, f"{key}_dup{n}")
+                row[rows.KEY] = f"{key}_dup{n}"
+                row["_missing_image"] = DUPLICATE_KEY_REASON
+            seen.add(row[rows.KEY])
+            buf.append(row)
             if len(buf) >= batch_rows:
                 yield _table(buf)
                 buf = []

@@ -147,10 +147,10 @@ def test_later_columns_and_type_changes_are_kept_not_nulled(tmp_path):
     assert t["license"].to_pylist() == [None] * 3 + ["cc"] * 3
 
 
-def test_malformed_csv_names_the_file(tmp_path):
+def test_malformed_csv_names_the_file_and_line(tmp_path):
     p = tmp_path / "bad.csv"
     p.write_text("url,caption\nhttp://a/1.jpg,hello\nhttp://a/2.jpg,hi, there\n")
-    with pytest.raises(InputError, match=f"{p}: cannot read as csv"):
+    with pytest.raises(InputError, match=f"{p}:3: cannot read as csv: 3 columns where the header has 2"):
         make_source(SourceConfig(path=str(p))).plan(str(tmp_path / "w"), 10)
 
 
