@@ -250,7 +250,14 @@ runtime:
 # ------------------------------------------------------------------ one run
 
 
-def run_size(n: int, *, work: Path, cpus: int, images: bool, seed: int, interval: float) -> dict[str, Any]:
+def store_cap_env(object_store_mb: int | None) -> dict[str, str]:
+    """Cap the object store of the local Ray that ``curate run`` starts: Ray sizes it as 30 % of the
+    memory, at most ``RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES``; what does not fit spills to disk."""
+    return {} if not object_store_mb else {"RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(object_store_mb * 2**20)}
+
+
+def run_size(n: int, *, work: Path, cpus: int, images: bool, seed: int, interval: float,
+             object_store_mb: int | None = None) -> dict[str, Any]:
     input_dir = work / f"input-{n}{'' if images else '-noimg'}"
     gen_s = generate(n, input_dir, images=images, seed=seed)
     if gen_s:
@@ -262,7 +269,7 @@ def run_size(n: int, *, work: Path, cpus: int, images: bool, seed: int, interval
     logf = work / f"run-{n}.log"
     try:
         r = run_curate(recipe, out, log_path=logf, memory=True, interval=interval, verbose=True,
-                       limit=24 * 3600, env={"RAY_DEDUP_LOGS": "0"})
+                       limit=24 * 3600, env={"RAY_DEDUP_LOGS": "0", **store_cap_env(object_store_mb)})
     except ToolFailed as e:
         raise SystemExit(f"curate run failed for {n:,} rows: {e}") from None
     seconds, mem = r.seconds, r.run.monitor
@@ -291,6 +298,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-output", action="store_true", help="keep each run's output folder")
     p.add_argument("--json", type=Path)
+    p.add_argument("--object-store-mb", type=int, default=None,
+                   help="cap Ray's object store at this many MiB (default: Ray's 30 %% of memory)")
     a = p.parse_args()
     sigterm_as_interrupt()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -302,7 +311,8 @@ def main() -> None:
           "Not clip_score: CPU CLIP scores ~10 images/s, a million rows would take about a day.")
     results = []
     for n in sizes:
-        r = run_size(n, work=a.work, cpus=a.cpus, images=not a.no_images, seed=a.seed, interval=a.interval)
+        r = run_size(n, work=a.work, cpus=a.cpus, images=not a.no_images, seed=a.seed, interval=a.interval,
+                     object_store_mb=a.object_store_mb)
         results.append(r)
         log.info("%s rows: %.1fs, driver %.0f MiB, total %.0f MiB; at peak: %s", f"{n:,}", r["seconds"],
                  r["driver_peak_mib"], r["total_peak_mib"], r["at_peak_mib"])

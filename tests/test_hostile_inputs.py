@@ -58,7 +58,7 @@ def _sparse_tar(path: Path, huge_size: int = HUGE) -> Path:
 def test_tar_member_over_max_bytes_is_dropped_unread_with_flat_memory(tmp_path):
     """A tar member whose header claims 10 GiB is never read into memory: its sample is dropped
     with ``too_large`` and the samples around it are read. Measured in a fresh process: its peak
-    RSS stays far below the member's size (and below what reading even 1 GiB would take)."""
+    RSS stays under 1 GiB, a tenth of the member (about 170 MiB measured: the imports)."""
     tar = _sparse_tar(tmp_path / "hostile.tar")
     assert tar.stat().st_size > HUGE and tar.stat().st_blocks * 512 < 50 * 1024**2  # sparse, not written
     script = textwrap.dedent(f"""
@@ -78,7 +78,7 @@ def test_tar_member_over_max_bytes_is_dropped_unread_with_flat_memory(tmp_path):
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["peak"] < 400 * 1024**2, f"peak RSS {res['peak'] / 2**20:.0f} MiB: the member was read"
+    assert res["peak"] < 1024**3, f"peak RSS {res['peak'] / 2**20:.0f} MiB: the member was read"
     by_key = {row["key"]: row for row in res["rows"]}
     assert sorted(by_key) == ["a", "big", "c"]
     assert by_key["big"]["status"] == "dropped" and by_key["big"]["reason"] == "too_large"

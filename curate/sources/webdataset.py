@@ -75,13 +75,29 @@ def _skip_reason(member: tarfile.TarInfo) -> str | None:
     return None
 
 
+class CorruptHeader(Exception):
+    """A member header that is not one (bad checksum, cut short) after the first: tarfile would end the
+    archive there without a word, losing every sample after it; curate fails the shard instead."""
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
+            if tar.offset:  # at offset 0 tarfile raises ReadError itself
+                raise CorruptHeader(f"no valid member header at byte {tar.offset}: {e}") from None
+            raise
+
+
 def _open_tar(path: str, f: Any) -> tarfile.TarFile:
     """An uncompressed, seekable tar is opened for random access, so a skipped member is one seek
     (on object storage: no bytes fetched); anything else as a stream."""
     seekable = getattr(f, "seekable", lambda: False)()
     if seekable and strip_compression(path.lower()) == path.lower():
-        return tarfile.open(fileobj=f, mode="r:*")
-    return tarfile.open(fileobj=f, mode="r|*", bufsize=STREAM_BUFSIZE)
+        return tarfile.open(fileobj=f, mode="r:*", tarinfo=_StrictTarInfo)
+    return tarfile.open(fileobj=f, mode="r|*", bufsize=STREAM_BUFSIZE, tarinfo=_StrictTarInfo)
 
 
 def iter_samples(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[dict[str, bytes]]:
@@ -123,7 +139,7 @@ def iter_samples(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[dict
                 elif ext in IMAGE_EXTS:
                     current[SKIPPED] = reason
                 last = member.name
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+    except (tarfile.TarError, CorruptHeader, EOFError, OSError, zlib.error) as e:
         raise InputError(f"{path}: unreadable tar after member {last!r}: {e.__class__.__name__}: {e}") from e
     if current is not None:
         yield current

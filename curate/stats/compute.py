@@ -47,6 +47,7 @@ from curate.stats.model import (
     Stats,
     Summary,
     Tokens,
+    UnreadableShard,
 )
 
 log = logging.getLogger(__name__)
@@ -379,6 +380,18 @@ def _fold_sources(sources: list[SourceCount]) -> list[SourceCount]:
     return sorted(head, key=lambda s: s.source) + [other]
 
 
+def unreadable_shards(manifest: dict[str, Any]) -> list[UnreadableShard]:
+    """The input shards the run could not read, as the manifest lists them (by shard number)."""
+    out = []
+    for e in manifest.get("source_errors") or []:
+        try:
+            out.append(UnreadableShard(shard=int(e["shard"]), path=str(e.get("path", "")),
+                                       error=str(e.get("error", "")), rows_read=int(e.get("rows_read") or 0)))
+        except (KeyError, TypeError, ValueError):
+            log.warning("manifest.json: unreadable source_errors entry %r", e)
+    return sorted(out, key=lambda u: u.shard)
+
+
 def _examples(files: RunFiles, has_url: bool) -> list[Example]:
     cols = [rows.KEY, rows.CAPTION, rows.STATUS, rows.DROPPED_BY, rows.REASON] + ([rows.URL] if has_url else [])
     lf = files.scan_ledger(cols)
@@ -515,5 +528,5 @@ def compute_stats(output: str) -> Stats:
         caption_chars=dist.get("caption_chars"), caption_words=dist.get("caption_words"),
         languages=languages, image_sizes=image_sizes, duplicates=duplicate_clusters(manifest),
         packing=packing(manifest, markers), shards=shard_files, embeddings=dims, examples=examples,
-        checks=checks, seconds=round(time.perf_counter() - t0, 3),
+        source_errors=unreadable_shards(manifest), checks=checks, seconds=round(time.perf_counter() - t0, 3),
     )

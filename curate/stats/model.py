@@ -130,6 +130,15 @@ class Example(_Model):
     reason: str | None = None
 
 
+class UnreadableShard(_Model):
+    """An input shard the run could not read (the manifest's ``source_errors``): its rows are in no count."""
+
+    shard: int
+    path: str = Field(description="The input file (or files) of the shard.")
+    error: str = Field(description="Why it could not be read.")
+    rows_read: int = Field(description="Rows read before the error; none of them is committed or counted.")
+
+
 class Stats(_Model):
     """Everything ``curate stats OUTPUT`` knows about a run, as written to ``OUTPUT/stats.json``."""
 
@@ -153,6 +162,9 @@ class Stats(_Model):
                                        "from the Parquet shards' schema.")
     examples: list[Example] = Field(default_factory=list, description="A few rows per drop reason and kept, "
                                     "smallest keys first.")
+    source_errors: list[UnreadableShard] = Field(default_factory=list, description="Input shards that could "
+                                                 "not be read (from the manifest); the run is incomplete until "
+                                                 "a re-run reads them.")
     checks: dict[str, bool] = Field(default_factory=dict, description="Cross-checks between ledger, "
                                     "manifest and shards; all true for a healthy run.")
     seconds: float = Field(description="Time spent computing these statistics.")
