@@ -1,4 +1,4 @@
-"""The ``curate`` command line: run, validate, schema, stats, mix, demo."""
+"""The ``curate`` command line: run, validate, schema, stats, mix, demo, img2dataset."""
 
 from __future__ import annotations
 
@@ -57,6 +57,19 @@ def run(
         _fail(e)
         return
     _print_summary(manifest, r.write.output or "")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def img2dataset(ctx: typer.Context) -> None:
+    """img2dataset's command line, flag for flag (--help lists them): swap the command name to migrate."""
+    from curate.img2dataset import main as img2dataset_main
+
+    try:
+        code = img2dataset_main(ctx.args, debug=_debug)
+    except Exception as e:  # noqa: BLE001 - one paragraph for the user (CurateError), or the type and --debug
+        _fail(e)
+        return
+    raise typer.Exit(code)
 
 
 def _print_summary(manifest, output: str) -> None:
@@ -131,6 +144,9 @@ def stats(
     for name, ok in st.checks.items():
         if not ok:
             typer.echo(f"warning: check {name} failed: ledger, manifest and shards disagree", err=True)
+    for e in st.source_errors:
+        typer.echo(f"warning: input shard {e.shard} ({e.path}) could not be read, its rows are in no count: "
+                   f"{e.error}", err=True)
     typer.echo(f"wrote {root}/{STATS_FILE}" + (f" and {root}/{REPORT_FILE}" if report else ""))
 
 

@@ -34,6 +34,7 @@ def test_stats_and_report_list_unreadable_input_shards(tmp_path, make_recipe, ra
     r = subprocess.run([sys.executable, "-m", "curate.cli", "stats", str(out)], capture_output=True, text=True,
                        timeout=180)
     assert r.returncode == 0, r.stderr
+    assert f"warning: input shard 1 ({bad}) could not be read" in r.stderr  # the terminal says so too
     stats = json.loads((out / "stats.json").read_text())
     assert stats["complete"] is False
     [entry] = stats["source_errors"]
