@@ -57,7 +57,8 @@ class Manifest(BaseModel):
     elapsed_seconds: float
     timings: dict[str, Any] = Field(default_factory=dict, description=(
         "Where the wall-clock time went, in seconds: process_start_to_run, ray_start, first_row (process "
-        "start to the first rows back), phases, globals, finalize, total (process start to this manifest)."))
+        "start to the first row out of the first stage: the first image downloaded), first_part (to the first "
+        "batch back at the driver), phases, globals, finalize, total (process start to this manifest)."))
 
 
 class LedgerRow(BaseModel):

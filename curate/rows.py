@@ -28,6 +28,7 @@ DROPPED = "dropped"
 
 SHARD = "_shard"  # input shard id (int64)
 SHARD_ROWS = "_shard_rows"  # set on the last batch of a shard: the shard's row count
+FIRST_AT = "_first_at"  # epoch seconds a batch's first row was ready (download): the run's time to first row
 
 #: Columns the pipeline owns; a source column with one of these names is renamed ``source_<name>``.
 RESERVED = frozenset({KEY, URL, CAPTION, STATUS, DROPPED_BY, REASON, IMAGE, IMAGE_FORMAT, SHA256})

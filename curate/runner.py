@@ -78,6 +78,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
 
     def manifest() -> Manifest:
         timings.total = time.time() - born
+        if timings.first_row is None:
+            timings.first_row = timings.first_part
         return write_manifest(recipe, layout, plan.phases, specs, state.global_info, sinks,
                               elapsed=time.time() - started, timings=timings)
 

@@ -67,8 +67,11 @@ class Timings:
     process_start_to_run: float = 0.0
     #: ``ray.init`` (0 when Ray was already running in this process)
     ray_start: float = 0.0
-    #: process start to the first rows back from the first phase that ran
+    #: process start to the first row out of the first stage that says when (the first image
+    #: downloaded), else to the first rows back at the driver
     first_row: float | None = None
+    #: process start to the first part file reported back to the driver (a whole batch done)
+    first_part: float | None = None
     #: wall-clock seconds per phase that ran, in order
     phases: list[float] = field(default_factory=list)
     #: the global stages between phases

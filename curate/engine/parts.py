@@ -39,7 +39,8 @@ PART_READ_THREADS = 16
 
 #: What a part writer reports per part: the driver commits a shard once ``rows`` add up to ``total``.
 PART_REPORT = pa.schema([("shard", pa.int64()), ("rows", pa.int64()), ("kept", pa.int64()),
-                         ("total", pa.int64()), ("path", pa.string()), ("seconds", pa.string())])
+                         ("total", pa.int64()), ("path", pa.string()), ("seconds", pa.string()),
+                         ("first_at", pa.float64())])
 
 
 # ------------------------------------------------------------------ in
@@ -163,7 +164,8 @@ def write_parts(batch: pa.Table, *, parts_dir: str) -> pa.Table:
         t = batch.filter(pc.equal(shards, shard))
         totals = [x for x in pc.unique(t[rows.SHARD_ROWS]).to_pylist() if x is not None]
         seconds = {c[3:]: pc.sum(t[c]).as_py() or 0.0 for c in t.column_names if c.startswith("_t_")}
-        t = t.drop([c for c in t.column_names if c.startswith("_t_") or c == rows.SHARD_ROWS])
+        first_at = pc.min(t[rows.FIRST_AT]).as_py() if rows.FIRST_AT in t.column_names else None
+        t = t.drop([c for c in t.column_names if c.startswith("_t_") or c in (rows.SHARD_ROWS, rows.FIRST_AT)])
         name = f"{shard:05d}-{uuid.uuid4().hex[:12]}.parquet"
         try:
             with writing(f"{parts_dir}/{name}"), fs.open(f"{root}/{name}", "wb") as f:
@@ -179,6 +181,7 @@ def write_parts(batch: pa.Table, *, parts_dir: str) -> pa.Table:
         out["total"].append(totals[0] if totals else None)
         out["path"].append(with_protocol(parts_dir, f"{root}/{name}"))
         out["seconds"].append(json.dumps(seconds))
+        out["first_at"].append(first_at)
     return pa.table(out, schema=PART_REPORT)
 
 

@@ -194,11 +194,14 @@ def _stream(run: RunState, phase: Phase, to_run: list[dict[str, Any]], finalizer
             finalizer.submit(marker)
 
     for out in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        if run.timings.first_row is None:
-            run.timings.first_row = time.time() - run.process_started
+        if run.timings.first_part is None:
+            run.timings.first_part = time.time() - run.process_started
             log.info("phase %d: first rows back %.1fs after the process started", phase.index,
-                     run.timings.first_row)
+                     run.timings.first_part)
         for r in out.to_pylist():
+            if r["first_at"] is not None:  # a stage said when its first row was ready (download)
+                first = r["first_at"] - run.process_started
+                run.timings.first_row = first if run.timings.first_row is None else min(first, run.timings.first_row)
             st = state[r["shard"]]
             st.rows += r["rows"]
             st.parts.append(r["path"])

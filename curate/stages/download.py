@@ -63,6 +63,7 @@ import hashlib
 import ipaddress
 import logging
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -294,7 +295,7 @@ class Download(Stage[DownloadConfig]):
         assert self._loop is not None
         urls = batch.column(rows.URL).to_pylist() if rows.URL in batch.column_names else [None] * batch.num_rows
         expected = self._expected_hashes(batch)
-        outcomes: list[_Outcome] = self._loop.run(self._download_all(urls, expected))
+        outcomes, first_at = self._loop.run(self._download_all(urls, expected))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("download batch of %d: %s", len(outcomes), dict(Counter(o.reason or "ok" for o in outcomes)))
 
@@ -313,6 +314,8 @@ class Download(Stage[DownloadConfig]):
         }
         if self.hash_column:
             columns[self.hash_column] = col("original_hash", pa.string())
+        # when this batch's first image was ready: the run's "first downloaded row" (manifest timings)
+        columns[rows.FIRST_AT] = pa.array([first_at] * len(outcomes), pa.float64())
         return StageResult(columns=columns, drop=[o.reason for o in outcomes])
 
     def _expected_hashes(self, batch: pa.Table) -> list[str | None]:
@@ -326,8 +329,19 @@ class Download(Stage[DownloadConfig]):
                              f"{', '.join(c for c in batch.column_names if not rows.is_internal(c))}")
         return [None if v is None else str(v).strip().lower() for v in batch.column(name).to_pylist()]
 
-    async def _download_all(self, urls: list[str | None], expected: list[str | None]) -> list[_Outcome]:
-        return await asyncio.gather(*(self._one(u, e) for u, e in zip(urls, expected, strict=True)))
+    async def _download_all(self, urls: list[str | None], expected: list[str | None]
+                            ) -> tuple[list[_Outcome], float | None]:
+        """Every row's outcome, and when (epoch seconds) the first image was ready."""
+        first: list[float] = []
+
+        async def one(url: str | None, want: str | None) -> _Outcome:
+            outcome = await self._one(url, want)
+            if not first and outcome.image is not None:
+                first.append(time.time())
+            return outcome
+
+        outcomes = await asyncio.gather(*(one(u, e) for u, e in zip(urls, expected, strict=True)))
+        return list(outcomes), (first[0] if first else None)
 
     async def _one(self, url: str | None, expected: str | None) -> _Outcome:
         url = url.strip() if isinstance(url, str) else None
