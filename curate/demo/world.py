@@ -10,15 +10,17 @@ zero-shot tags from :func:`curate.demo.scenes.tag_vocabulary`).
 On top of the clean pairs the world plants the defects a web crawl has, one
 category per row (see :data:`DEFECT_RATES`): caption defects (mismatched,
 junk alt-text, non-English, empty), image defects (tiny, elongated),
-duplicates (exact bytes, resized/re-encoded copies, captions equal after
-normalisation, captions with a small edit) and URL defects the loopback
+duplicates (exact bytes, resized/re-encoded copies, and the picture mirrored with its
+caption equal after normalisation or a word added) and URL defects the loopback
 server in :mod:`curate.demo.server` acts out (404, corrupt bytes, a 1 byte/s
 drip, ``X-Robots-Tag: noai``, HTML served as ``image/jpeg``).
 
 Duplicates come in *groups*: a clean ``original`` and one ``copy`` whose row
 carries the duplicate category; both share ``dup_group``. Originals always
 precede their copies in the URL list, so a deduplicator that keeps the first
-(smallest key) drops exactly the copies.
+(smallest key) drops exactly the copies. Only a group's members are near-duplicates of each
+other: captions of any other two rows stay under a char-5-gram Jaccard of
+:data:`~curate.demo.captions.DISTINCT_MAX_JACCARD` (``dedup_minhash``'s shingles).
 
 The truth lives in ``truth.parquet`` next to the served files and is never
 part of the pipeline's input: :meth:`World.url_list` gives only ``url``,
@@ -53,18 +55,21 @@ from PIL import Image
 
 from curate.demo.captions import (
     CASE_EDITS,
+    DISTINCT_MAX_JACCARD,
     JUNK_FIXED,
+    NEAR_DUPLICATE_MIN_JACCARD,
     WORD_EDITS,
+    CaptionIndex,
     english_caption,
     foreign_caption,
+    jaccard,
     junk_caption,
-    normalise,
 )
 from curate.demo.scenes import Scene, encode, random_scene, render_scene, write_tags
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = 1  # bump when the same (samples, seed) would generate different data
+WORLD_VERSION = 2  # bump when the same (samples, seed) would generate different data
 DEFAULT_SAMPLES = 2000
 MIN_SAMPLES = 40  # below this the rarest defects would round to zero rows
 
@@ -277,22 +282,44 @@ TRUTH_SCHEMA = pa.schema([
 ])
 
 
+def _displayed(body: bytes) -> Image.Image:
+    """The image as a viewer (and curate's download) shows it: transparency composited onto white."""
+    img = Image.open(io.BytesIO(body))
+    if img.mode != "RGBA":
+        return img.convert("RGB")
+    white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, img).convert("RGB")
+
+
+def _numbered(name: str, n: int) -> str:
+    """``name`` as the n-th of its kind: ``identicon (2)``, ``image (2).jpg``; n = 1 leaves it."""
+    if n == 1:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem} ({n}).{ext}" if dot and stem else f"{name} ({n})"
+
+
 def _plan_rows(rng: random.Random, counts: dict[str, int]) -> list[_Row]:
     """Build every row (scene, caption, bytes, behaviour) in category order."""
-    captions_seen: set[str] = set()
+    # Every caption placed so far. Rows the truth calls distinct must not have near-duplicate
+    # captions (char-5-gram Jaccard >= DISTINCT_MAX_JACCARD), or caption dedup would rightly
+    # pair them: "two small yellow diamonds against a plain white backdrop" and "three small ..."
+    # (0.86) are near-duplicates by any measure, whatever the truth says.
+    index = CaptionIndex()
+
+    def distinct(cap: str) -> bool:
+        return index.max_jaccard(cap) < DISTINCT_MAX_JACCARD
 
     def unique_caption(scene_factory: Callable[[], Scene]) -> tuple[Scene, str]:
-        # Clean captions must be unique after normalisation, or exact caption dedup
-        # would rightly drop clean rows and the truth would be wrong.
         scene = scene_factory()
-        for attempt in range(1, 200):
+        for attempt in range(1, 400):
             cap = english_caption(scene, rng)
-            if normalise(cap) not in captions_seen:
-                captions_seen.add(normalise(cap))
+            if distinct(cap):
+                index.add(cap)
                 return scene, cap
             if attempt % 5 == 0:
                 scene = scene_factory()
-        raise RuntimeError("could not find a unique caption; the world's vocabulary is too small")
+        raise RuntimeError("could not find a distinct caption; the world's vocabulary is too small")
 
     def image(scene: Scene, size: tuple[int, int], fmt: str) -> tuple[bytes, int, int]:
         w, h = size
@@ -309,9 +336,19 @@ def _plan_rows(rng: random.Random, counts: dict[str, int]) -> list[_Row]:
         return _Row(category, scene, caption, lang, matches, w, h, fmt, body, behaviour)
 
     rows: list[_Row] = [plain(CLEAN) for _ in range(counts[CLEAN])]
-    n_dups = sum(counts[c] for c in DUPLICATE_CATEGORIES)
-    originals = rng.sample(range(len(rows)), n_dups)
+    caption_number = {id(r): i for i, r in enumerate(rows)}  # clean rows were indexed first, in order
+    originals = rng.sample(range(len(rows)), len(rows))  # popped from the end; skipped ones stay clean
     group = 0
+
+    def near_edit(orig: _Row) -> tuple[int, str] | None:
+        """A word edit of ``orig``'s caption that stays a near-duplicate of it (Jaccard >=
+        NEAR_DUPLICATE_MIN_JACCARD) and is no near-duplicate of any other caption; None if none is."""
+        for k in rng.sample(range(len(WORD_EDITS)), len(WORD_EDITS)):
+            cap = WORD_EDITS[k](orig.caption or "")
+            if (jaccard(cap, orig.caption) >= NEAR_DUPLICATE_MIN_JACCARD
+                    and index.max_jaccard(cap, skip=caption_number[id(orig)]) < DISTINCT_MAX_JACCARD):
+                return k, cap
+        return None
 
     def new_group(orig: _Row) -> str:
         nonlocal group
@@ -322,6 +359,12 @@ def _plan_rows(rng: random.Random, counts: dict[str, int]) -> list[_Row]:
     for category in ("exact_duplicate", "perceptual_duplicate", "caption_duplicate", "caption_near_duplicate"):
         for _ in range(counts[category]):
             orig = rows[originals.pop()]
+            edit: tuple[int, str] | None = None
+            if category == "caption_near_duplicate":
+                # Short captions have no edit that keeps them near-duplicates ("a small blue
+                # circle - free download" is 0.52 of its original): take another original.
+                while (edit := near_edit(orig)) is None:
+                    orig = rows[originals.pop()]
             gid = new_group(orig)
             if category == "exact_duplicate":
                 # Same bytes, another URL, and a different (still true) caption: a repost.
@@ -330,7 +373,7 @@ def _plan_rows(rng: random.Random, counts: dict[str, int]) -> list[_Row]:
                             orig.body, edit="same bytes")
             elif category == "perceptual_duplicate":
                 _, cap = unique_caption(lambda o=orig: o.scene)
-                img = Image.open(io.BytesIO(orig.body)).convert("RGB")
+                img = _displayed(orig.body)  # not convert("RGB"): that drops a PNG's transparent frame
                 kind = rng.choice(("resize", "reencode", "resize+reencode"))
                 w, h = img.size
                 if "resize" in kind:
@@ -342,15 +385,20 @@ def _plan_rows(rng: random.Random, counts: dict[str, int]) -> list[_Row]:
                 copy = _Row(category, orig.scene, cap, "en", True, w, h, fmt, encode(img, fmt, quality=quality),
                             edit=f"{kind} to {w}x{h}" + (f" q{quality}" if "reencode" in kind else ""))
             else:
-                # Same scene drawn again (a different image), the original's caption slightly edited.
-                edits = CASE_EDITS if category == "caption_duplicate" else WORD_EDITS
-                k = rng.randrange(len(edits))
-                cap = edits[k](orig.caption or "")
-                if category == "caption_near_duplicate":
-                    captions_seen.add(normalise(cap))
-                fmt = _pick_format(rng)
-                body, w, h = image(orig.scene, _normal_size(rng), fmt)
-                copy = _Row(category, orig.scene, cap, "en", True, w, h, fmt, body, edit=f"caption edit {k}")
+                # The original's picture mirrored (a near-duplicate to CLIP, ~32 of 64 pHash bits
+                # away, so perceptual dedup leaves it to caption dedup), reposted with its caption
+                # re-cased (caption_duplicate) or a word added (caption_near_duplicate).
+                if category == "caption_duplicate":
+                    k = rng.randrange(len(CASE_EDITS))
+                    cap = CASE_EDITS[k](orig.caption or "")
+                else:
+                    assert edit is not None
+                    k, cap = edit
+                    index.add(cap)
+                fmt = "png" if orig.image_format in ("png", "png_rgba") else "jpeg"
+                img = _displayed(orig.body or b"").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                copy = _Row(category, orig.scene, cap, "en", True, orig.width, orig.height, fmt,
+                            encode(img, fmt, quality=rng.choice((75, 85, 90))), edit=f"mirrored, caption edit {k}")
             copy.dup_group, copy.dup_role = gid, "copy"
             rows.append(copy)
 
@@ -362,15 +410,23 @@ def _plan_rows(rng: random.Random, counts: dict[str, int]) -> list[_Row]:
         body, w, h = image(scene, _normal_size(rng), fmt)
         rows.append(_Row("mismatched_caption", scene, cap, "en", False, w, h, fmt, body))
     for i in range(counts["junk_caption"]):
-        cap = JUNK_FIXED[i % len(JUNK_FIXED)] if i % 2 == 0 else junk_caption(rng)
+        # Half from the fixed list, numbered from its second round on ("identicon (2)",
+        # "image (2).jpg"): a repeated "identicon" would be an exact caption duplicate as well.
+        cap = _numbered(JUNK_FIXED[(i // 2) % len(JUNK_FIXED)], i // 2 // len(JUNK_FIXED) + 1) \
+            if i % 2 == 0 else junk_caption(rng)
+        for _attempt in range(200):
+            if distinct(cap):
+                break
+            cap = junk_caption(rng)
+        index.add(cap)
         rows.append(plain("junk_caption", caption=cap, lang=None, matches=False))
     for _ in range(counts["non_english"]):
-        for _attempt in range(200):  # unique too: caption dedup must not be what removes them
+        for _attempt in range(400):  # distinct too: caption dedup must not be what removes them
             scene = random_scene(rng)
             cap, lang = foreign_caption(scene, rng)
-            if normalise(cap) not in captions_seen:
-                captions_seen.add(normalise(cap))
+            if distinct(cap):
                 break
+        index.add(cap)
         fmt = _pick_format(rng)
         body, w, h = image(scene, _normal_size(rng), fmt)
         rows.append(_Row("non_english", scene, cap, lang, True, w, h, fmt, body))

@@ -10,7 +10,13 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from curate.demo.captions import normalise
+from curate.demo.captions import (
+    DISTINCT_MAX_JACCARD,
+    NEAR_DUPLICATE_MIN_JACCARD,
+    CaptionIndex,
+    jaccard,
+    normalise,
+)
 from curate.demo.scenes import tag_vocabulary
 from curate.demo.world import (
     CATEGORIES,
@@ -94,6 +100,31 @@ def test_captions(small_world):
         assert not any(f"{o['colour']} {o['shape']}" in r["caption"] for o in objects)
 
 
+def test_captions_of_distinct_rows_are_not_near_duplicates(small_world):
+    # Only a duplicate group's members may be caption near-duplicates of each other: any other
+    # pair under dedup_minhash's threshold by a margin, so its truth is not in doubt.
+    rows = [r for r in small_world.truth.to_pylist() if (r["caption"] or "").strip()]
+    worst = 0.0
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            if not (a["dup_group"] and a["dup_group"] == b["dup_group"]):
+                worst = max(worst, jaccard(a["caption"], b["caption"]))
+    assert worst < DISTINCT_MAX_JACCARD
+
+
+def test_caption_index_is_exact_jaccard():
+    caps = ["two small yellow diamonds against a plain white backdrop", "a red star", "Red star!", "",
+            "three small yellow diamonds against a plain white backdrop", "a small blue circle"]
+    index = CaptionIndex()
+    for c in caps[:4]:
+        index.add(c)
+    for c in caps:
+        assert list(index.jaccards(c)) == pytest.approx([jaccard(c, d) for d in caps[:4]])
+    assert jaccard("a red star", "Red star!") < 1 and jaccard("A red star.", "a red star") == 1.0
+    assert index.max_jaccard(caps[4]) == pytest.approx(0.86, abs=0.01)
+    assert index.max_jaccard(caps[0], skip=0) < 0.5
+
+
 def test_duplicate_groups(small_world):
     rows = small_world.truth.to_pylist()
     groups: dict[str, dict[str, tuple[int, dict]]] = {}
@@ -111,6 +142,16 @@ def test_duplicate_groups(small_world):
         assert same_caption == (copy["category"] == "caption_duplicate")
         if copy["category"] == "caption_near_duplicate":
             assert orig["caption"] in copy["caption"]
+            assert jaccard(orig["caption"], copy["caption"]) >= NEAR_DUPLICATE_MIN_JACCARD
+        if copy["category"] in ("caption_duplicate", "caption_near_duplicate"):
+            # the original's picture mirrored: same size, the same pixels left to right
+            a = _open(small_world, orig).convert("RGBA")
+            white = Image.new("RGBA", a.size, (255, 255, 255, 255))
+            a = Image.alpha_composite(white, a).convert("L").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            b = _open(small_world, copy).convert("L")
+            assert a.size == b.size
+            diff = sum(abs(x - y) for x, y in zip(a.getdata(), b.getdata(), strict=True)) / (a.width * a.height)
+            assert diff < 4
 
 
 def test_url_behaviours(small_world):
