@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from curate.errors import RecipeError
+from curate.sinks.img2dataset import Img2datasetOutput
 from curate.sources.base import SourceConfig
 from curate.stages.base import StageConfig
 from curate.stages.registry import stage_class, stage_classes
@@ -27,13 +28,17 @@ from curate.yamlio import YamlDoc, apply_override, load_yaml, validation_message
 class WriteConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     output: str | None = Field(None, description="Output root (fsspec path); `-o` sets it.")
-    formats: list[Literal["webdataset", "parquet", "packed"]] = Field(
+    formats: list[Literal["webdataset", "parquet", "packed", "img2dataset"]] = Field(
         default_factory=lambda: ["webdataset", "parquet"],
-        description="`packed`: also write training sequences packed by the `pack` stage's lengths.")
+        description="`packed`: also write training sequences packed by the `pack` stage's lengths; "
+        "`img2dataset`: img2dataset's layout (see `img2dataset`).")
     packed_formats: list[Literal["webdataset", "parquet"]] = Field(
         default_factory=lambda: ["webdataset", "parquet"], description="Layouts of the packed sequences.")
     samples_per_shard: int = Field(10000, ge=1, description="Rows per input shard, as img2dataset.")
     caption_column: str = Field("caption", description="Column written as KEY.txt.")
+    img2dataset: Img2datasetOutput | None = Field(None, description=(
+        "Options of the `img2dataset` format: img2dataset's own layout (NNNNN.tar or NNNNN/ or the parquet "
+        "form, NNNNN.parquet metadata, NNNNN_stats.json), as `curate img2dataset` writes it."))
 
 
 class RuntimeConfig(BaseModel):

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from curate.errors import RecipeError
 from curate.sinks.base import Sink, SinkContext
+from curate.sinks.img2dataset import Img2datasetSink
 from curate.sinks.packed import PackedSink
 from curate.sinks.parquet import LedgerSink, ParquetSink
 from curate.sinks.shard_stats import ShardStatsSink
 from curate.sinks.webdataset import WebDatasetSink
 
-FORMATS: dict[str, type[Sink]] = {"webdataset": WebDatasetSink, "parquet": ParquetSink, "packed": PackedSink}
+FORMATS: dict[str, type[Sink]] = {"webdataset": WebDatasetSink, "parquet": ParquetSink, "packed": PackedSink,
+                                  "img2dataset": Img2datasetSink}
 ALWAYS: tuple[type[Sink], ...] = (LedgerSink, ShardStatsSink)
 
 
