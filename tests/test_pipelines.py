@@ -16,7 +16,7 @@ from curate.runner import run
 
 @pytest.fixture(scope="module")
 def served_world(tmp_path_factory):
-    world = generate_world(tmp_path_factory.mktemp("world"), samples=80, seed=3)
+    world = generate_world(tmp_path_factory.mktemp("world"), samples=80, seed=5)
     server = DemoServer(world).start()
     urls = tmp_path_factory.mktemp("urls") / "urls.parquet"
     pq.write_table(world.url_list(server.base_url), urls)
