@@ -242,7 +242,7 @@ def test_example_mixture_loads_and_matches_its_schema():
     import jsonschema
     import yaml
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the repository (this file is tests/mix/test_mix.py)
     example = root / "pipelines" / "mixtures" / "example.yaml"
     jsonschema.validate(yaml.safe_load(example.read_text()),
                         json.loads((root / "schemas" / "mixture.schema.json").read_text()))
