@@ -50,11 +50,14 @@ import argparse
 import json
 import os
 import random
-import threading
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))  # the shared harness, as `python benchmarks/X.py` runs
+from _harness import PeakRSS  # noqa: E402
 
 #: Rows per generation block; a block holds whole clusters, so any multiple of it is a clean subsample.
 BLOCK = 10_000
@@ -139,46 +142,6 @@ def pair_metrics(truth: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     r = tp / true if true else 1.0
     return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
             "true_pairs": true, "predicted_pairs": predicted}
-
-
-class PeakRSS:
-    """Peak resident memory of this process and its children, sampled in a thread."""
-
-    def __init__(self, interval: float = 0.1) -> None:
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.base = self._rss()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _rss(self) -> int:
-        total = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except Exception:  # a worker exited between listing and reading
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._rss())
-
-    def __enter__(self) -> PeakRSS:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def run_curate(captions: list[str], threshold: float, num_perm: int,

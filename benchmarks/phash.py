@@ -32,52 +32,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))  # the shared harness, as `python benchmarks/X.py` runs
+from _harness import PeakRSS  # noqa: E402
+
 BLOCK = 20_000
-
-
-class PeakRSS:
-    """Peak resident memory of this process and its children, sampled in a thread."""
-
-    def __init__(self, interval: float = 0.1) -> None:
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.base = self._rss()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _rss(self) -> int:
-        total = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except Exception:  # a worker exited between listing and reading
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._rss())
-
-    def __enter__(self) -> PeakRSS:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def synthetic(n: int, planted: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
