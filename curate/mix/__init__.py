@@ -4,10 +4,16 @@ A mixture file names sources — a curate run's output folder (its ``manifest.js
 shard list, Parquet shards preferred), Parquet files with image bytes, or
 WebDataset tars — and how much of each to take: ``weight`` (a share of
 ``total_samples`` / ``total_tokens``) or ``epochs`` (passes over the source).
-``unit: samples`` counts rows; ``unit: tokens`` counts a token column
-(``token_column``, default ``num_tokens``, as the packing stage writes it) when the
-source has it, else an approximation — UTF-8 bytes of the caption / 4, the usual
-BPE rate on English — that the manifest marks ``tokens_exact: false``.
+``unit: samples`` counts rows; ``unit: tokens`` counts tokens in one unit for every
+source (:mod:`~curate.mix.tokens`): ``token_unit`` — the tokenizer of the captions,
+``image_tokens`` per image and ``special_tokens`` per sample, the pack stage's sum —
+declared in the mixture file or taken from what the sources' outputs record (their
+``pack`` stage). A source keeps its ``num_tokens`` when it is recorded in that unit and
+is recounted otherwise (its captions with the same tokenizer, plus the image tokens);
+when that is impossible — the tokenizer is not on this machine, or the sources record
+different units and the file does not pick one — the mix stops and says which source
+and why. The manifest records the unit, and per source how its tokens were obtained;
+the mixture's rows carry ``num_tokens`` in that unit.
 
 Sampling is seeded and deterministic. Without ``replace: true`` a row is taken at
 most once per pass; when a source is too small for its share, ``if_short`` decides:
@@ -30,17 +36,19 @@ Example mixture::
       - {name: synth, path: runs/synthetic, weight: 0.3}
     unit: tokens
     total_tokens: 2000000
+    token_unit: {tokenizer: /models/qwen2/tokenizer.json, image_tokens: 144}
     seed: 0
     write: {formats: [webdataset, parquet], samples_per_shard: 10000}
 
 The package: :mod:`~curate.mix.model` (the mixture file and its loading),
-:mod:`~curate.mix.read` (a source's files, row index and rows), :mod:`~curate.mix.select`
+:mod:`~curate.mix.read` (a source's files, row index and rows), :mod:`~curate.mix.tokens`
+(the token unit and recounting), :mod:`~curate.mix.select`
 (how many rows of each source, and which), :mod:`~curate.mix.write` (the whole mix and its manifest).
 """
 
-from curate.mix.model import MANIFEST_FILE, MixSource, Mixture, MixWrite, load_mixture
-from curate.mix.read import APPROX_TOKENS, BYTES_PER_TOKEN
+from curate.mix.model import MANIFEST_FILE, MixSource, Mixture, MixWrite, TokenUnit, load_mixture
 from curate.mix.select import select
+from curate.mix.tokens import APPROXIMATE, Unit
 from curate.mix.write import (
     SOURCE_COLUMN,
     SOURCE_KEY_COLUMN,
@@ -49,5 +57,5 @@ from curate.mix.write import (
     run_mix,
 )
 
-__all__ = ["APPROX_TOKENS", "BYTES_PER_TOKEN", "MANIFEST_FILE", "SOURCE_COLUMN", "SOURCE_KEY_COLUMN", "MixResult",
-           "MixSource", "MixWrite", "Mixture", "load_mixture", "read_mixture_manifest", "run_mix", "select"]
+__all__ = ["APPROXIMATE", "MANIFEST_FILE", "SOURCE_COLUMN", "SOURCE_KEY_COLUMN", "MixResult", "MixSource",
+           "MixWrite", "Mixture", "TokenUnit", "Unit", "load_mixture", "read_mixture_manifest", "run_mix", "select"]

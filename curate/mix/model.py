@@ -37,6 +37,15 @@ class MixSource(BaseModel):
     weight: float | None = Field(None, gt=0, description="Share of the total (normalised over sources).")
     epochs: float | None = Field(None, gt=0, description="Passes over the source instead of a weight.")
     format: Literal["auto", "parquet", "webdataset"] = "auto"
+    tokens: Literal["auto", "column", "recount"] = Field(
+        "auto", description=(
+            "How its tokens are counted in the mixture's `token_unit`. auto: its `token_column` when its output "
+            "records that column in the same unit (a pack stage's manifest), else recounted from its captions "
+            "and images; column: trust `token_column` as being in the mixture's unit (files without a manifest); "
+            "recount: always recount."))
+    text_column: str | None = Field(
+        None, description=("Column whose text is counted when this source is recounted. Default: the column "
+                           "its pack stage counted, else `write.caption_column` when it has it, else caption."))
 
     @model_validator(mode="after")
     def _one_amount(self) -> MixSource:
@@ -45,6 +54,20 @@ class MixSource(BaseModel):
         if (self.weight is None) == (self.epochs is None):
             raise ValueError("give exactly one of `weight` or `epochs`")
         return self
+
+
+class TokenUnit(BaseModel):
+    """What one token is, for every source alike: the pack stage's sum per sample."""
+
+    model_config = ConfigDict(extra="forbid")
+    tokenizer: str | None = Field(
+        None, description=("Local tokenizer.json (or its directory) that counts caption tokens, or `approximate` "
+                           "(the pack stage's estimate: max(words, ceil(UTF-8 bytes / 4))). Default: what the "
+                           "sources' pack stages recorded when they agree, else approximate."))
+    image_tokens: int | None = Field(None, ge=0, description=(
+        "Tokens per image. Default: the sources' recorded value when they agree, else 144 (the pack stage's)."))
+    special_tokens: int | None = Field(None, ge=0, description=(
+        "Tokens added per sample (BOS/EOS). Default: the sources' recorded value when they agree, else 2."))
 
 
 class MixWrite(BaseModel):
@@ -57,7 +80,7 @@ class MixWrite(BaseModel):
 
 
 class Mixture(BaseModel):
-    """A mixture file: sources with weights or epochs, a unit, a total, a seed."""
+    """A mixture file: sources with weights or epochs, a unit (and the token unit), a total, a seed."""
 
     model_config = ConfigDict(extra="forbid")
     sources: list[MixSource] = Field(min_length=1)
@@ -68,7 +91,12 @@ class Mixture(BaseModel):
     replace: bool = Field(False, description="Sample with replacement (i.i.d. draws).")
     if_short: Literal["error", "cap", "repeat"] = Field(
         "error", description="Without replace, a source smaller than its share: fail, take all, or repeat it.")
-    token_column: str = Field(DEFAULT_TOKEN_COLUMN, description="Exact token counts when a source has them.")
+    token_column: str = Field(DEFAULT_TOKEN_COLUMN, description=(
+        "Per-sample token counts: kept when a source records them in the mixture's unit; the mixture's "
+        "rows carry it in that unit."))
+    token_unit: TokenUnit = Field(default_factory=TokenUnit, description=(
+        "The one unit every source's tokens are counted in; sources recorded in another unit are recounted, "
+        "and the mix stops when that is impossible."))
     write: MixWrite = Field(default_factory=MixWrite)
 
     @model_validator(mode="after")

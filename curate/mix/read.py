@@ -1,16 +1,16 @@
 """The sources of a mixture: which files a source names (a curate output's manifest, files, folders,
-globs), their rows' positions and token counts (a first pass without image bytes), and reading
-chosen rows back.
+globs) and the token unit their outputs record, their rows' positions and token counts in the
+mixture's unit (a first pass without image bytes, unless a row group has rows without an image and
+must be recounted), and reading chosen rows back.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import fsspec
@@ -22,11 +22,10 @@ from fsspec.implementations.local import LocalFileSystem
 from curate import rows
 from curate.errors import InputError
 from curate.mix.model import MANIFEST_FILE, RUN_MANIFEST, MixSource
+from curate.mix.tokens import Counting, Recorded, recorded_unit
 
 log = logging.getLogger(__name__)
 
-BYTES_PER_TOKEN = 4  # BPE tokenizers average about 4 UTF-8 bytes per token on English text
-APPROX_TOKENS = f"approx: utf-8 bytes of the caption / {BYTES_PER_TOKEN}"
 READ_BATCH_ROWS = 1024  # rows per batch read from a source: bounded memory, few read calls
 
 
@@ -37,6 +36,7 @@ class SourceFiles:
     name: str
     files: list[str]
     format: Literal["parquet", "webdataset"]
+    recorded: list[Recorded | None]  # per file: the token unit its output's manifest records
 
 
 def resolve_source(src: MixSource) -> SourceFiles:
@@ -46,6 +46,7 @@ def resolve_source(src: MixSource) -> SourceFiles:
     """
     paths = src.path if isinstance(src.path, list) else [src.path]
     files: list[str] = []
+    recorded: dict[str, Recorded | None] = {}
     fmt = src.format
     for p in paths:
         fs, root = fsspec.core.url_to_fs(p)
@@ -65,7 +66,11 @@ def resolve_source(src: MixSource) -> SourceFiles:
                                  f"(its manifest lists {sorted(have) or 'none'})")
             if not manifest.get("complete", True):
                 log.warning("mixture source %s: %s is an incomplete run; mixing its committed shards", src.name, p)
-            files += [full(f"{root}/{s['path']}") for s in shards if s["format"] == pick]
+            rec = recorded_unit(manifest, full(listing))
+            for s in shards:
+                if s["format"] == pick:
+                    files.append(full(f"{root}/{s['path']}"))
+                    recorded[files[-1]] = rec
             fmt = pick
             continue
         if fs.isdir(root):
@@ -84,7 +89,7 @@ def resolve_source(src: MixSource) -> SourceFiles:
     files = [f for f in files if f.endswith(".parquet" if fmt == "parquet" else ".tar")]
     if not files:
         raise InputError(f"mixture source {src.name!r}: no {fmt} files at {src.path}")
-    return SourceFiles(src.name, files, fmt)
+    return SourceFiles(src.name, files, fmt, [recorded.get(f) for f in files])
 
 
 def tar_samples(path: str) -> Iterator[dict[str, Any]]:
@@ -127,31 +132,52 @@ def tar_row(sample: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _approx_tokens(captions: list[str | None]) -> np.ndarray:
-    return np.array([max(1, math.ceil(len((c or "").encode("utf-8")) / BYTES_PER_TOKEN)) for c in captions],
-                    dtype=np.int64)
-
-
 @dataclass
 class SourceIndex:
-    """Per row of a source: its file, its position in the file, its token count."""
+    """Per row of a source: its file, its position in the file, its tokens in the mixture's unit (None:
+    not counted, a `unit: samples` mixture whose sources cannot share a unit)."""
 
     files: SourceFiles
     file_idx: np.ndarray
     row_idx: np.ndarray
-    tokens: np.ndarray
-    tokens_exact: bool
+    tokens: np.ndarray | None
+    tokens_from: dict[str, int] = field(default_factory=dict)  # how → files: recorded/declared column, recount
+    text_columns: list[str] = field(default_factory=list)  # the columns whose text was counted
 
     @property
     def rows(self) -> int:
         return len(self.row_idx)
 
+    @property
+    def recorded(self) -> list[dict[str, Any]]:
+        """The distinct token units its outputs record."""
+        seen: list[dict[str, Any]] = []
+        for rec in self.files.recorded:
+            if rec is not None and rec.as_dict() not in seen:
+                seen.append(rec.as_dict())
+        return seen
 
-def index_source(sf: SourceFiles, token_column: str) -> SourceIndex:
-    """First pass: row positions and token counts only (no image bytes for Parquet)."""
+
+def _column_tokens(values: list[Any], how: str, why_path: str, column: str) -> np.ndarray | None:
+    """A token column as counts; None when a row lacks one (a recorded column is then recounted)."""
+    if all(v is not None for v in values):
+        return np.array([int(v) for v in values], dtype=np.int64)
+    if how == "declared_column":
+        raise InputError(f"{why_path}: `tokens: column`, but some rows have no `{column}`; use `tokens: auto`")
+    return None
+
+
+def index_source(sf: SourceFiles, src: MixSource, counting: Counting | None) -> SourceIndex:
+    """First pass: row positions and token counts in the mixture's unit (``counting``; None: rows only).
+
+    Parquet: only the token or text column is read (and image nulls where statistics show some).
+    """
     file_idx, row_idx, tokens = [], [], []
-    exact = True
+    tokens_from: dict[str, int] = {}
+    texts_counted: list[str] = []
     for fi, path in enumerate(sf.files):
+        rec = sf.recorded[fi]
+        where = f"mixture source {sf.name!r}: {path}"
         if sf.format == "parquet":
             with fsspec.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
@@ -159,32 +185,61 @@ def index_source(sf: SourceFiles, token_column: str) -> SourceIndex:
                 if rows.IMAGE not in names:
                     raise InputError(f"{path}: no `{rows.IMAGE}` column (mixtures copy image bytes; "
                                      "mix a run's parquet shards or tars, not its ledger)")
-                col = token_column if token_column in names else rows.CAPTION
-                if col not in names:
-                    raise InputError(f"{path}: neither `{token_column}` nor `{rows.CAPTION}` to count tokens")
-                values = pf.read(columns=[col])[col].to_pylist()
-            if col == token_column:
-                t = np.array([int(v or 0) for v in values], dtype=np.int64)
-            else:
-                exact = False
-                t = _approx_tokens(values)
+                n = pf.metadata.num_rows
+                t = None
+                if counting is not None:
+                    how, text, why = counting.decide(src, rec, names)
+                    col = counting.token_column
+                    if how != "recount" and col not in names:
+                        raise InputError(f"{where}: `tokens: column`, but it has no `{col}` column")
+                    if how != "recount":
+                        t = _column_tokens(pf.read(columns=[col])[col].to_pylist(), how, where, col)
+                        if t is None:
+                            how, why = "recount", f"mixture source {sf.name!r} has rows without `{col}`"
+                    if t is None:
+                        if text not in names:
+                            raise InputError(f"{where}: no `{text}` column to count tokens of (columns: "
+                                             f"{', '.join(names)}); set the source's `text_column`")
+                        t = counting.count_parquet(pf, text, why)
         else:
-            t_list: list[int | None] = []
-            caps: list[str | None] = []
-            for s in tar_samples(path):
-                r = tar_row(s)
-                t_list.append(r.get(token_column))
-                caps.append(r.get(rows.CAPTION))
-            if all(v is not None for v in t_list):
-                t = np.array(t_list, dtype=np.int64)
-            else:
-                exact = False
-                t = _approx_tokens(caps)
-        file_idx.append(np.full(len(t), fi, dtype=np.int32))
-        row_idx.append(np.arange(len(t), dtype=np.int32))
-        tokens.append(t)
+            t = None
+            col = counting.token_column if counting is not None else ""
+            candidates = {c for c in (src.text_column, rec.text_column if rec else None,
+                                      counting.caption_column if counting else None, rows.CAPTION) if c}
+            values: list[Any] = []
+            texts: dict[str, list[Any]] = {c: [] for c in candidates}
+            has_image: list[bool] = []
+            common: set[str] | None = None
+            for sample in tar_samples(path):  # streamed: only counts and texts are kept, not images
+                r = tar_row(sample)
+                common = set(r) if common is None else common & set(r)
+                values.append(r.get(col))
+                has_image.append(r.get(rows.IMAGE) is not None)
+                for c in candidates:
+                    texts[c].append(r.get(c))
+            n = len(values)
+            if counting is not None:
+                columns = sorted(common or ())
+                how, text, why = counting.decide(src, rec, columns)
+                if how != "recount":
+                    t = _column_tokens(values, how, where, col)
+                    if t is None:
+                        how, why = "recount", f"mixture source {sf.name!r} has samples without `{col}`"
+                if t is None:
+                    if n and all(v is None for v in texts[text]):
+                        raise InputError(f"{where}: no `{text}` to count tokens of; set the source's `text_column`")
+                    t = counting.count(texts[text], np.array(has_image, dtype=bool), why)
+        if counting is not None:
+            tokens_from[how] = tokens_from.get(how, 0) + 1
+            counted = text if how == "recount" else rec.text_column if how == "recorded_column" and rec else None
+            if counted and counted not in texts_counted:
+                texts_counted.append(counted)
+            tokens.append(t)
+        file_idx.append(np.full(n, fi, dtype=np.int32))
+        row_idx.append(np.arange(n, dtype=np.int32))
     cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))  # noqa: E731
-    return SourceIndex(sf, cat(file_idx, np.int32), cat(row_idx, np.int32), cat(tokens, np.int64), exact)
+    return SourceIndex(sf, cat(file_idx, np.int32), cat(row_idx, np.int32),
+                       cat(tokens, np.int64) if counting is not None else None, tokens_from, texts_counted)
 
 
 def read_rows(sf: SourceFiles, fi: int, wanted: np.ndarray) -> Iterator[pa.Table]:

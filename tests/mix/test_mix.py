@@ -14,14 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.errors import RecipeError
-from curate.mix import (
-    APPROX_TOKENS,
-    BYTES_PER_TOKEN,
-    load_mixture,
-    read_mixture_manifest,
-    run_mix,
-    select,
-)
+from curate.mix import load_mixture, read_mixture_manifest, run_mix, select
+from curate.pack.tokens import ApproximateCounter
 from curate.recipe import load_recipe
 from curate.runner import run
 from tests.conftest import jpeg_bytes, write_recipe, write_tar
@@ -132,26 +126,46 @@ def test_samples_70_30_round_trips_through_webdataset_and_pyarrow(tmp_path, outp
     assert set(_read_parquet(other.output)["key"].to_pylist()) != set(table["key"].to_pylist())
 
 
-def test_tokens_70_30_uses_num_tokens_when_present(tmp_path, outputs):
-    web_tokens = sum(max(1, math.ceil(len(c.encode()) / BYTES_PER_TOKEN))
-                     for c in pq.read_table(f"{outputs['web']}/parquet")["caption"].to_pylist())
+def _approx_unit(caption: str) -> int:
+    """A sample in the default unit (no source records one): 144 image tokens + the pack stage's
+    approximate caption count + 2 (BOS/EOS)."""
+    return 144 + ApproximateCounter().count([caption])[0] + 2
+
+
+def test_tokens_70_30_without_a_recorded_unit_recounts_or_trusts_a_declared_column(tmp_path, outputs):
+    # neither output records a unit (no pack stage): both are counted in the default unit, book's
+    # num_tokens column included (nothing says what it counted), unless the mixture vouches for it
+    web_tokens = sum(_approx_unit(c) for c in pq.read_table(f"{outputs['web']}/parquet")["caption"].to_pylist())
     total = int(web_tokens * 0.5 / 0.7)  # web's share is half of what it has: feasible without repeats
     result = run_mix(load_mixture(_mixture(tmp_path, outputs, unit="tokens", total_samples=None,
                                            total_tokens=total)))
-    web, book = result.manifest["sources"]
-    assert web["tokens_exact"] is False and web["token_count"] == APPROX_TOKENS
-    assert book["tokens_exact"] is True and book["token_count"] == "num_tokens"
+    m = result.manifest
+    web, book = m["sources"]
+    assert m["token_unit"]["tokenizer"] == "approximate" and m["token_unit"]["image_tokens"] == 144
+    assert web["tokens_from"] == {"recount": web["files"]} and book["tokens_from"] == {"recount": book["files"]}
+    assert not web["tokens_exact"] and web["token_count"].startswith("144 per image + caption tokens (approximate")
     assert abs(web["achieved_ratio"] - 0.7) <= RATIO_TOLERANCE
     assert abs(book["achieved_ratio"] - 0.3) <= RATIO_TOLERANCE
-    assert abs(result.manifest["tokens"] - total) <= 200  # within about one sample's tokens per source
+    assert abs(m["tokens"] - total) <= 400  # within about one sample's tokens per source
     # the manifest's token counts are the rows' own: recount them from the written shards
     table = _read_parquet(result.output)
     by_source: Counter[str] = Counter()
     for r in table.to_pylist():
-        n = r["num_tokens"] if r["mix_source"] == "book" else max(1, math.ceil(len(r["caption"].encode()) / 4))
-        by_source[r["mix_source"]] += n
+        assert r["num_tokens"] == _approx_unit(r["caption"])
+        by_source[r["mix_source"]] += r["num_tokens"]
     assert by_source == {"web": web["tokens"], "book": book["tokens"]}
     assert web["samples"] + book["samples"] == table.num_rows
+
+    # `tokens: column`: book's num_tokens are taken as they are (the user says they are in the unit)
+    declared = _mixture(tmp_path, outputs, name="declared.yaml", unit="tokens", total_samples=None,
+                        total_tokens=12000)
+    mix = load_mixture(declared, output=str(tmp_path / "declared"), overrides=["sources.1.tokens=column"])
+    book = run_mix(mix).manifest["sources"][1]
+    assert book["tokens_from"] == {"declared_column": book["files"]}
+    rows_ = _read_parquet(str(tmp_path / "declared")).to_pylist()
+    original = {f"book{i:04d}": 20 + 3 * (i % 11) for i in range(N_BOOK)}
+    assert all(r["num_tokens"] == original[r["source_key"]] for r in rows_ if r["mix_source"] == "book")
+    assert abs(book["achieved_ratio"] - 0.3) <= RATIO_TOLERANCE
 
 
 def test_short_source_error_cap_repeat_and_replace(tmp_path, outputs, caplog):
@@ -218,10 +232,12 @@ def test_cli_mixes_tars_by_epochs(tmp_path, outputs):
     r = subprocess.run([sys.executable, "-m", "curate.cli", "mix", str(mixture), "-o", str(out)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "tars: 50 samples (20 unique), 500 tokens" in r.stdout
+    # the tars' num_tokens record no unit: recounted, 144 image tokens + 4 caption tokens + 2 each
+    assert "tars: 50 samples (20 unique), 7500 tokens (approx.)" in r.stdout
     m = json.loads((out / "mixture_manifest.json").read_text())
     tars, web = m["sources"]
-    assert tars["format"] == "webdataset" and tars["epochs_achieved"] == 2.5 and tars["tokens_exact"]
+    assert tars["format"] == "webdataset" and tars["epochs_achieved"] == 2.5 and not tars["tokens_exact"]
+    assert tars["tokens_from"] == {"recount": 1} and web["tokens_from"] == {"recount": web["files"]}
     assert web["samples"] == 30 and web["format"] == "webdataset"
     assert not (out / "parquet").exists()
 
