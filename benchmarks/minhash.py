@@ -147,7 +147,8 @@ def pair_metrics(truth: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 def run_curate(captions: list[str], threshold: float, num_perm: int,
                verify: bool = True) -> tuple[np.ndarray, float, float]:
     from curate.dedup.clusters import connected_components
-    from curate.dedup.minhash import MinHashParams, near_duplicate_pairs, warm_kernels
+    from curate.dedup.minhash import MinHashParams, warm_kernels
+    from curate.dedup.minhash_lsh import near_duplicate_pairs
 
     params = MinHashParams(threshold=threshold, num_perm=num_perm, verify=verify)
     warm_kernels()  # a first run compiles into numba's on-disk cache; later runs (and workers) load it

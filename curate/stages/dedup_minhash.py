@@ -26,7 +26,8 @@ from pydantic import Field
 
 from curate import rows
 from curate.dedup.clusters import KEEP_FIELD, connected_components, decide_clusters, keep_columns
-from curate.dedup.minhash import MinHashParams, PairStats, near_duplicate_pairs
+from curate.dedup.minhash import MinHashParams
+from curate.dedup.minhash_lsh import PairStats, near_duplicate_pairs
 from curate.stages.base import GlobalStage, StageConfig
 from curate.stages.registry import register
 

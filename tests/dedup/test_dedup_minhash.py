@@ -12,6 +12,7 @@ from datasketch import MinHash
 from datasketch.lsh import _optimal_param
 
 from curate.dedup import minhash as mh
+from curate.dedup import minhash_lsh as lsh
 from curate.recipe import load_recipe
 from curate.runner import run
 from curate.stages.dedup_minhash import DedupMinhash, DedupMinhashConfig
@@ -193,10 +194,10 @@ def test_pairs_do_not_depend_on_partitions_or_task_sizes(ray_session, monkeypatc
     rng = random.Random(3)
     captions, _ = _planted(rng, clusters=20, noise=200)
     params = mh.MinHashParams()
-    ref = mh.near_duplicate_pairs(captions, params)
-    monkeypatch.setattr(mh, "MAX_ROWS_PER_TASK", 37)  # many small map tasks
+    ref = lsh.near_duplicate_pairs(captions, params)
+    monkeypatch.setattr(lsh, "MAX_ROWS_PER_TASK", 37)  # many small map tasks
     for partitions in (1, 3, 8):
-        got = mh.near_duplicate_pairs(captions, params, partitions=partitions)
+        got = lsh.near_duplicate_pairs(captions, params, partitions=partitions)
         np.testing.assert_array_equal(got[0], ref[0])
         np.testing.assert_array_equal(got[1], ref[1])
     assert len(ref[0]) >= 20 * 4

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pytest
 
 from curate.dedup import minhash as mh
+from curate.dedup import minhash_lsh as lsh
 from curate.text import normalise_caption
 
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
@@ -77,13 +78,13 @@ def test_compiled_signatures_equal_the_numpy_reference(shingle, n):
 def test_map_task_signs_what_signatures_signs_and_skips_null_and_empty():
     caps = _captions(3, 300) + [None, "", "  !! ", "Dog"]
     params = mh.MinHashParams(threshold=0.7)
-    sketch, *pieces = mh._map_task(pa.array(caps), 1000, params, 3, False)
+    sketch, *pieces = lsh._map_task(pa.array(caps), 1000, params, 3, False)
     norm = [normalise_caption(c) for c in caps]
     live = [i for i, t in enumerate(norm) if t]
     np.testing.assert_array_equal(sketch[live], mh.signatures([norm[i] for i in live], params).astype(np.uint16))
     rows = np.concatenate([p[2] for p in pieces])
     assert set(rows.tolist()) == {1000 + i for i in live}  # null, empty and punctuation-only: no band entries
-    again = mh._map_task(pa.array(norm), 1000, params, 3, True)  # normalised: true, same result
+    again = lsh._map_task(pa.array(norm), 1000, params, 3, True)  # normalised: true, same result
     np.testing.assert_array_equal(again[0], sketch)
 
 
