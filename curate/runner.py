@@ -68,8 +68,10 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
         from curate.progress import ProgressView
 
         view = ProgressView(tty=sys.stderr.isatty()) if progress is not False else None
+    i2d = recipe.write.img2dataset
     sink_ctx = SinkContext(root=layout.root, caption_column=recipe.write.caption_column, started=started,
-                           packing=plan.packing)
+                           packing=plan.packing, samples_per_shard=recipe.write.samples_per_shard,
+                           img2dataset=i2d.model_dump() if i2d is not None else None)
     sinks = make_sinks(list(recipe.write.formats), sink_ctx)
     state = RunState(recipe=recipe, source=source, plan=plan, specs=specs, layout=layout, sink_ctx=sink_ctx,
                      on_progress=on_progress or view or ignore, timings=timings, process_started=born)

@@ -391,7 +391,7 @@ def test_sink_alone_writes_failures_to_metadata_only(tmp_path):
     })
     kept = table.slice(0, 1).append_column("image", pa.array([b"JPEG"], pa.binary()))
     opts = Img2datasetOutput(output_format="parquet", compute_hash="md5", extract_exif=False)
-    sink = Img2datasetSink(SinkContext(root=str(tmp_path)), opts, 10000)
+    sink = Img2datasetSink(SinkContext(root=str(tmp_path), samples_per_shard=10000, img2dataset=opts.model_dump()))
     wrote = sink.write(ShardRows(shard=7, table=table, kept=kept, dropped={"download": {"image_too_small": 1}}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00007.parquet", "00007_stats.json"]
     assert wrote.record["img2dataset"]["successes"] == 1 and not wrote.outputs

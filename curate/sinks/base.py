@@ -49,6 +49,10 @@ class SinkContext:
     started: float = 0.0
     #: the packed writer's options (:func:`curate.sinks.packed.packing_options`), or None
     packing: dict[str, Any] | None = None
+    #: ``write.samples_per_shard``: rows per input shard (img2dataset's keys are built from it)
+    samples_per_shard: int = 10000
+    #: ``write.img2dataset`` as a dict (the img2dataset layout's options), or None for its defaults
+    img2dataset: dict[str, Any] | None = None
 
 
 @dataclass

@@ -24,8 +24,9 @@ exception texts, and ``exif`` is null unless the rows carry an ``exif`` column (
 ``download`` stage does not keep the original bytes' EXIF yet; img2dataset writes ``"{}"`` for
 an image without EXIF).
 
-The sink reads its options from the run's recorded recipe (``_work/recipe.json``: sinks are
-built on workers from the output root alone), so a resumed run writes what the first one did.
+The sink's options come in its :class:`~curate.sinks.base.SinkContext` (``write.img2dataset``
+and ``write.samples_per_shard``); a resumed run has the same recipe (the fingerprint guard), so
+it writes what the first one did.
 """
 
 from __future__ import annotations
@@ -50,8 +51,6 @@ OutputFormat = Literal["files", "webdataset", "parquet"]
 HashName = Literal["sha256", "md5", "sha512"]
 #: The stage whose reasons split into img2dataset's failed_to_download / failed_to_resize.
 DOWNLOAD_STAGE = "download"
-#: Where the engine records the resolved recipe, relative to the output root (engine/layout.py).
-RECIPE_FILE = "_work/recipe.json"
 
 
 class Img2datasetOutput(BaseModel):
@@ -93,13 +92,6 @@ def resolve_folder(root: str, folder: str | None) -> str:
     return f"{proto}{sep}{joined}" if sep else joined
 
 
-def load_options(root: str) -> tuple[Img2datasetOutput, int]:
-    """The run's ``write.img2dataset`` and ``write.samples_per_shard``, from the recorded recipe."""
-    with fsspec.open(f"{root.rstrip('/')}/{RECIPE_FILE}", "r") as f:
-        write = json.load(f)["recipe"]["write"]
-    return Img2datasetOutput.model_validate(write.get("img2dataset") or {}), int(write["samples_per_shard"])
-
-
 def _status(dropped_by: str | None, reason: str | None) -> tuple[str, str | None]:
     if dropped_by is None:
         return "success", None
@@ -125,16 +117,12 @@ class Img2datasetSink(Sink):
 
     name = "img2dataset"
 
-    def __init__(self, ctx: SinkContext, options: Img2datasetOutput | None = None,
-                 samples_per_shard: int | None = None) -> None:
+    def __init__(self, ctx: SinkContext) -> None:
         super().__init__(ctx)
-        self._options = options
-        self._samples_per_shard = samples_per_shard
+        self._options = Img2datasetOutput.model_validate(ctx.img2dataset or {})
 
     def options(self) -> tuple[Img2datasetOutput, int]:
-        if self._options is None or self._samples_per_shard is None:
-            self._options, self._samples_per_shard = load_options(self.ctx.root)
-        return self._options, self._samples_per_shard
+        return self._options, self.ctx.samples_per_shard
 
     def on_start(self) -> None:
         opts, _ = self.options()
@@ -301,4 +289,4 @@ class Img2datasetSink(Sink):
         return path.rsplit("/", 1)[1]
 
 
-__all__ = ["Img2datasetOutput", "Img2datasetSink", "i2d_key", "load_options", "resolve_folder"]
+__all__ = ["Img2datasetOutput", "Img2datasetSink", "i2d_key", "resolve_folder"]
