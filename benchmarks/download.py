@@ -243,6 +243,7 @@ def curate_result(recipe: Path, urls: Path, out: Path, *, n: int, cpus: int, sha
         command=r.command,
         extra={"count": r.input_rows, "errors": r.dropped(), "image_size_seen": size,
                "concurrency_per_worker": concurrency, "cpu_seconds": r.run.cpu_seconds,
+               "cpu_by_role": r.run.monitor.get("cpu_by_role"),
                "timings": asdict(t) if t else None, "fixed_costs": describe_timings(t),
                "manifest_elapsed_seconds": r.manifest.get("elapsed_seconds"),
                "stages": r.manifest.get("recipe", {}).get("stages")},
@@ -318,6 +319,9 @@ def print_table(results: list[Result], *, headline: bool = True) -> float | None
         if cpu:
             per = f" ({cpu / r.successes * 1000:.1f} ms per image)" if r.successes else ""
             print(f"CPU of {r.label} (its whole process tree): {cpu:.1f} s{per}")
+            roles = r.extra.get("cpu_by_role")
+            if roles and r.tool == "curate":
+                print("  by process: " + ", ".join(f"{k} {v:.1f} s" for k, v in roles.items() if v >= 0.5))
     for r in results:
         if r.tool == "curate":
             print(f"fixed costs of {r.label}: {r.extra.get('fixed_costs')}")

@@ -132,6 +132,25 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def process_role(p: psutil.Process) -> str:
+    """A process's role for CPU accounting: a Ray worker's title (``ray::MapWorker(...)`` cut at
+    the first ``(``/space), a Ray daemon's name, or the script a Python process runs."""
+    try:
+        cmd = p.cmdline()
+    except psutil.Error:
+        return "?"
+    first = cmd[0] if cmd else p.name()
+    if first.startswith("ray::"):
+        return first.split("(")[0].split(" ")[0].split(".")[0]
+    base = os.path.basename(first)
+    if base.startswith("python"):
+        script = next((a for a in cmd[1:] if a.endswith(".py") or a == "-m"), None)
+        if script == "-m" and len(cmd) > cmd.index("-m") + 1:
+            return "python -m " + cmd[cmd.index("-m") + 1]
+        return "python " + os.path.basename(script) if script else base
+    return base
+
+
 class TreeMonitor:
     """CPU time and peak memory of a process tree, sampled every ``interval`` s in a thread.
 
@@ -163,6 +182,7 @@ class TreeMonitor:
         #: (t, driver RSS, total, object store) per sample, with ``memory``
         self.samples: list[tuple[float, int, int, int]] = []
         self._cpu: dict[tuple[int, float], float] = {}  # (pid, create time) -> CPU s at last sample
+        self._role: dict[tuple[int, float], str] = {}  # (pid, create time) -> process role
         self._t0 = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -182,7 +202,10 @@ class TreeMonitor:
             try:
                 with p.oneshot():
                     t = p.cpu_times()
-                    self._cpu[(p.pid, p.create_time())] = t.user + t.system
+                    k = (p.pid, p.create_time())
+                    self._cpu[k] = t.user + t.system
+                    if k not in self._role or self._role[k].startswith(("ray::IDLE", "python")):
+                        self._role[k] = "driver" if p.pid == self.root.pid else process_role(p)
                     name = "driver" if p.pid == self.root.pid else p.name()
                     if not self.memory:
                         rss += p.memory_info().rss
@@ -226,9 +249,18 @@ class TreeMonitor:
         self._stop.set()
         self._thread.join()
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds per process role (driver, raylet, gcs_server, a Ray worker's title, …)."""
+        out: dict[str, float] = {}
+        for k, v in self._cpu.items():
+            role = self._role.get(k, "?")
+            out[role] = out.get(role, 0.0) + v
+        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
     def summary(self) -> dict[str, object]:
         out: dict[str, object] = {
             "cpu_seconds": round(self.cpu_seconds, 2),
+            "cpu_by_role": self.cpu_by_role(),
             "rss_sum_peak_mib": round(self.rss_sum_peak / MIB, 1),
         }
         if self.memory:
