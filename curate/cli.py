@@ -167,8 +167,9 @@ def mix(
         return
     m = result.manifest
     for s in m["sources"]:
-        typer.echo(f"{s['name']}: {s['samples']} samples ({s['unique_samples']} unique), {s['tokens']} tokens"
-                   f"{'' if s['tokens_exact'] else ' (approx.)'}; {m['unit']} ratio "
+        tokens = ("tokens not counted" if s["tokens"] is None
+                  else f"{s['tokens']} tokens{'' if s['tokens_exact'] else ' (approx.)'}")
+        typer.echo(f"{s['name']}: {s['samples']} samples ({s['unique_samples']} unique), {tokens}; {m['unit']} ratio "
                    f"{s['achieved_ratio'] or 0:.4f} (asked {s['requested_ratio'] or 0:.4f})")
     typer.echo(f"wrote {m['samples']} samples in {len(result.shards)} shard files; {result.output}/{MANIFEST_FILE}")
 
