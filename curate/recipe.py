@@ -39,6 +39,10 @@ class WriteConfig(BaseModel):
     img2dataset: Img2datasetOutput | None = Field(None, description=(
         "Options of the `img2dataset` format: img2dataset's own layout (NNNNN.tar or NNNNN/ or the parquet "
         "form, NNNNN.parquet metadata, NNNNN_stats.json), as `curate img2dataset` writes it."))
+    thumbnails: bool = Field(True, description=(
+        "Keep a seeded sample of 96 px thumbnails of what each stage dropped (up to 8 per stage and reason; "
+        "a dedup copy beside the row it copies) and of the kept rows (16) in _work/samples.parquet, shown "
+        "in report.html."))
 
 
 class RuntimeConfig(BaseModel):
@@ -69,6 +73,8 @@ class Recipe(BaseModel):
         """Hash of what decides the output (runtime settings excluded)."""
         data = self.model_dump(mode="json", include={"source", "stages", "write"}, serialize_as_any=True)
         data["write"].pop("output", None)
+        if data["write"].get("thumbnails") is True:  # the default: fingerprints from before the switch hold
+            data["write"].pop("thumbnails")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def resolved(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from curate.engine.parts import write_parts
 from curate.engine.resources import Fitted
+from curate.engine.samples import sample_drops
 from curate.stages.base import Stage, StageConfig, StageContext
 from curate.stages.registry import stage_class
 
@@ -40,15 +41,22 @@ def context_for(cfg: StageConfig, work_dir: str | None) -> StageContext:
     return StageContext(work_dir=work_dir, num_cpus=cfg.resources.num_cpus, num_gpus=cfg.resources.num_gpus)
 
 
-def apply_stage(batch: pa.Table, cfg: StageConfig, work_dir: str | None = None) -> pa.Table:
-    """Ray task body of a stateless stage: the worker process keeps one set-up stage per config."""
+def apply_stage(batch: pa.Table, cfg: StageConfig, work_dir: str | None = None, thumbnails: bool = False) -> pa.Table:
+    """Ray task body of a stateless stage: the worker process keeps one set-up stage per config.
+
+    With ``thumbnails`` the rows it drops are sampled while the input batch still holds their images."""
     ident = f"{cfg.use}:{cfg.model_dump_json()}"
     stage = _TASK_STAGES.get(ident)
     if stage is None:
         stage = stage_class(cfg.use)(cfg)
         stage.setup(context_for(cfg, work_dir))
         _TASK_STAGES[ident] = stage
-    return stage(batch)
+    return run_stage(stage, batch, thumbnails)
+
+
+def run_stage(stage: Stage, batch: pa.Table, thumbnails: bool) -> pa.Table:
+    out = stage(batch)
+    return sample_drops(batch, out, stage.stage_name, list(stage.output_columns)) if thumbnails else out
 
 
 class StageActor:
@@ -59,13 +67,15 @@ class StageActor:
     another copy through Ray's object store to a writer process.
     """
 
-    def __init__(self, cfg: StageConfig, parts_dir: str | None = None, work_dir: str | None = None) -> None:
+    def __init__(self, cfg: StageConfig, parts_dir: str | None = None, work_dir: str | None = None,
+                 thumbnails: bool = False) -> None:
         self.stage = stage_class(cfg.use)(cfg)
         self.stage.setup(context_for(cfg, work_dir))
         self.parts_dir = parts_dir
+        self.thumbnails = thumbnails
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = self.stage(batch)
+        out = run_stage(self.stage, batch, self.thumbnails)
         return out if self.parts_dir is None else write_parts(out, parts_dir=self.parts_dir)
 
     def __del__(self) -> None:

@@ -44,7 +44,8 @@ def build_dataset(recipe: Recipe, source: Source, phase: Phase, units: list[dict
         fn_kwargs={"source": source if phase.index == 0 else None,
                    "decisions_dir": layout.decisions_dir(phase.index - 1) if phase.index > 0 else None,
                    "global_names": global_names, "batch_rows": recipe.runtime.read_batch_rows,
-                   "errors_dir": layout.source_errors(), "on_source_error": recipe.runtime.on_source_error},
+                   "errors_dir": layout.source_errors(), "on_source_error": recipe.runtime.on_source_error,
+                   "thumbnails": recipe.write.thumbnails},
     )
     fitted = fit_resources(phase.stages, cluster)
     parts_dir = layout.parts_dir(phase.index)
@@ -62,7 +63,8 @@ def build_dataset(recipe: Recipe, source: Source, phase: Phase, units: list[dict
                 extra |= {"max_concurrent_calls_per_actor": in_flight, "enable_true_multi_threading": True}
             last = parts_dir if own_parts and i == len(fitted) - 1 else None
             ds = ds.map_batches(StageActor, fn_constructor_kwargs={"cfg": f.cfg, "parts_dir": last,
-                                                                   "work_dir": work_dir},
+                                                                   "work_dir": work_dir,
+                                                                   "thumbnails": recipe.write.thumbnails},
                                 batch_size=batch_size, batch_format="pyarrow",
                                 compute=ActorPoolStrategy(min_size=lo, max_size=hi, **extra),
                                 num_cpus=f.res.num_cpus, num_gpus=f.res.num_gpus or None)
@@ -70,7 +72,8 @@ def build_dataset(recipe: Recipe, source: Source, phase: Phase, units: list[dict
             kwargs: dict[str, Any] = {}
             if f.res.concurrency:
                 kwargs["compute"] = TaskPoolStrategy(size=f.res.concurrency)
-            ds = ds.map_batches(apply_stage, fn_kwargs={"cfg": f.cfg, "work_dir": work_dir}, batch_size=batch_size,
+            ds = ds.map_batches(apply_stage, fn_kwargs={"cfg": f.cfg, "work_dir": work_dir,
+                                                        "thumbnails": recipe.write.thumbnails}, batch_size=batch_size,
                                 batch_format="pyarrow", num_cpus=f.res.num_cpus, **kwargs)
     if own_parts:
         return ds

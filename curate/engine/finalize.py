@@ -17,6 +17,7 @@ from curate import __version__, rows
 from curate.engine.layout import DONE, Layout, ShardMarker, writing
 from curate.engine.parts import read_part_files
 from curate.engine.plan import Phase, stage_name
+from curate.engine.samples import merge_run, sample_kept, write_table
 from curate.fsutil import write_json
 from curate.manifest import Counts, Manifest, ShardEntry, SourceErrorEntry, StageCounters
 from curate.recipe import Recipe
@@ -25,8 +26,11 @@ from curate.sinks.registry import make_sinks
 from curate.stages.registry import stage_class
 
 
-def finalize_shard(*, marker: ShardMarker, formats: list[str], ctx: SinkContext) -> dict[str, Any]:
-    """Write one committed shard through every sink; the ``_done`` marker last. Returns the marker."""
+def finalize_shard(*, marker: ShardMarker, formats: list[str], ctx: SinkContext,
+                   kept_samples_dir: str | None = None) -> dict[str, Any]:
+    """Write one committed shard through every sink; the ``_done`` marker last. Returns the marker.
+
+    With ``kept_samples_dir`` a sample of the kept rows is thumbnailed there (``write.thumbnails``)."""
     tables = read_part_files(marker.parts)
     table = rows.concat(tables) if tables else pa.table({})
     del tables
@@ -53,6 +57,10 @@ def finalize_shard(*, marker: ShardMarker, formats: list[str], ctx: SinkContext)
             wrote = sink.write(shard)
         done["outputs"] += wrote.outputs
         done.update(wrote.record)
+    sample = sample_kept(kept) if kept_samples_dir is not None else None
+    if sample is not None:
+        with writing(f"{kept_samples_dir}/{shard.name}.parquet"):
+            write_table(f"{kept_samples_dir}/{shard.name}.parquet", sample)
     path = f"{ctx.root}/{DONE}/{shard.name}.json"
     with writing(path):
         write_json(path, done)
@@ -136,6 +144,8 @@ def write_manifest(recipe: Recipe, layout: Layout, phases: list[Phase], specs: l
         stats={}, packing=extra.get("packing"), source_errors=source_errors, elapsed_seconds=round(elapsed, 3),
         timings=timings.as_dict() if timings else {},
     )
+    if complete and recipe.write.thumbnails:  # the report's thumbnails: committed parts' and shards' samples
+        merge_run(layout, phases, specs)
     layout.write_json(layout.path("manifest.json"), manifest.model_dump(mode="json"))
     return manifest
 

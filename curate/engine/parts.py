@@ -26,6 +26,13 @@ import pyarrow.parquet as pq
 
 from curate import rows
 from curate.engine.layout import writing
+from curate.engine.samples import (
+    read_global_picks,
+    samples_dir,
+    split_samples,
+    thumbnail_wanted,
+    write_table,
+)
 from curate.errors import CurateError, SourceError
 from curate.fsutil import write_json
 from curate.sources.base import Source
@@ -48,13 +55,15 @@ PART_REPORT = pa.schema([("shard", pa.int64()), ("rows", pa.int64()), ("kept", p
 
 def read_shards(items: pa.Table, *, source: Source | None, decisions_dir: str | None,
                 global_names: list[str], batch_rows: int, errors_dir: str | None = None,
-                on_source_error: str = "continue") -> Iterator[pa.Table]:
+                on_source_error: str = "continue", thumbnails: bool = False) -> Iterator[pa.Table]:
     """Yield the rows of each work unit in ``items``; a whole shard's last batch carries its row count.
 
     A unit of a shard (``unit`` in its spec) carries no count: the driver knows the shard's size.
     A source shard that fails mid-read (truncated tar, corrupt Parquet) never gets that last
     batch, so it is never committed: its error is recorded under ``errors_dir`` for the driver,
     and the task goes on with its next shard — or, with ``on_source_error: fail``, raises.
+    With ``thumbnails``, the rows the global stages sampled get their thumbnails before their
+    decisions drop them (:mod:`curate.engine.samples`).
     """
     for spec_json in items["spec"].to_pylist():
         spec = json.loads(spec_json)
@@ -62,7 +71,7 @@ def read_shards(items: pa.Table, *, source: Source | None, decisions_dir: str | 
         if spec["kind"] == "parts":
             it = read_parts(spec["parts"], batch_rows)
             if global_names:
-                it = join_decisions(it, shard, decisions_dir, global_names)
+                it = join_decisions(it, shard, decisions_dir, global_names, thumbnails)
         else:
             assert source is not None
             it = source.read_shard(spec, batch_rows)
@@ -116,14 +125,17 @@ def read_parts(paths: list[str], batch_rows: int) -> Iterator[pa.Table]:
 
 
 def join_decisions(it: Iterator[pa.Table], shard: int, decisions_dir: str | None,
-                   global_names: list[str]) -> Iterator[pa.Table]:
+                   global_names: list[str], thumbnails: bool = False) -> Iterator[pa.Table]:
     """Apply the global stages' decisions for this shard to each batch, in stage order."""
+    wanted = read_global_picks(decisions_dir, shard) if thumbnails and decisions_dir else {}
     decided = []
     for name in global_names:
         with fsspec.open(f"{decisions_dir}/{name}.parquet", "rb") as f:
             d = pq.read_table(f, filters=[(rows.SHARD, "=", shard)])
         decided.append((name, d.drop([rows.SHARD])))
     for batch in it:
+        if thumbnails:
+            batch = thumbnail_wanted(batch, wanted)
         for name, d in decided:
             batch = apply_decisions(batch, d, name)
         yield batch
@@ -166,7 +178,11 @@ def write_parts(batch: pa.Table, *, parts_dir: str) -> pa.Table:
         seconds = {c[3:]: pc.sum(t[c]).as_py() or 0.0 for c in t.column_names if c.startswith("_t_")}
         first_at = pc.min(t[rows.FIRST_AT]).as_py() if rows.FIRST_AT in t.column_names else None
         t = t.drop([c for c in t.column_names if c.startswith("_t_") or c in (rows.SHARD_ROWS, rows.FIRST_AT)])
+        t, samples = split_samples(t)
         name = f"{shard:05d}-{uuid.uuid4().hex[:12]}.parquet"
+        if samples is not None:  # before the part: a reported part never lacks its samples
+            with writing(f"{samples_dir(parts_dir)}/{name}"):
+                write_table(f"{samples_dir(parts_dir)}/{name}", samples)
         try:
             with writing(f"{parts_dir}/{name}"), fs.open(f"{root}/{name}", "wb") as f:
                 pq.write_table(t, f, compression="none")  # temporary, mostly JPEG bytes: zstd only burns CPU

@@ -28,6 +28,7 @@ from curate.engine.finalize import Timings, finalize_shard
 from curate.engine.layout import Layout, ShardMarker, pending
 from curate.engine.parts import apply_decisions, read_part_files
 from curate.engine.plan import Phase, Plan, stage_name
+from curate.engine.samples import GLOBAL_SAMPLES, pick_global, write_global_picks
 from curate.engine.session import cluster_cpus
 from curate.errors import InputError
 from curate.fsutil import atomic_open
@@ -76,8 +77,9 @@ class Finalizer:
     def submit(self, marker: ShardMarker) -> None:
         import ray
 
+        kept_dir = self.run.layout.work("kept") if self.run.recipe.write.thumbnails else None
         self.in_flight.append(self.remote.remote(marker=marker, formats=list(self.run.recipe.write.formats),
-                                                 ctx=self.run.sink_ctx))
+                                                 ctx=self.run.sink_ctx, kept_samples_dir=kept_dir))
         while len(self.in_flight) >= self.max_in_flight:
             ready, self.in_flight = ray.wait(self.in_flight, num_returns=1)
             ray.get(ready)
@@ -258,15 +260,20 @@ def run_globals(run: RunState, phase: Phase) -> None:
         raise InputError(f"global stages need unique keys; repeated: {repeated}. Set source.key_col to a "
                          "unique column, or leave it unset so curate numbers the rows")
     info: dict[str, dict[str, Any]] = {}
+    picks: list[dict[str, Any]] = []  # the dropped rows the report shows (write.thumbnails)
     for st, name in zip(stages, names, strict=True):
         t0 = time.perf_counter()
         decisions, st_info = _decide(st, table)
         _write_table(f"{gdir}/{name}.parquet", decisions)
+        if run.recipe.write.thumbnails and table.num_rows:
+            picks += pick_global(name, decisions, table, st.input_columns())
         if table.num_rows:  # later global stages see only what this one kept
             table = apply_decisions(table, decisions.drop([rows.SHARD]), name)
         st_info["seconds"] = time.perf_counter() - t0
         info[name] = st_info
-    layout.write_json(info_path, info)
+    if run.recipe.write.thumbnails:
+        write_global_picks(f"{gdir}/{GLOBAL_SAMPLES}", picks)
+    layout.write_json(info_path, info)  # last: what resume trusts
     run.global_info.update(info)
     # Arrow's allocator (jemalloc) keeps freed pages for reuse: without this the driver holds the
     # global phase's peak (~1 KB a row) through every later phase.

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from curate.stats.compute import StatsError, compute_stats
 from curate.stats.model import Stats
 
 if TYPE_CHECKING:
     from curate.manifest import Manifest
+    from curate.stats.compute import StatsError, compute_stats
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,16 @@ __all__ = ["REPORT_FILE", "STATS_FILE", "Stats", "StatsError", "compute_stats", 
            "write_stats_after_run"]
 
 
+def __getattr__(name: str) -> Any:
+    """``compute_stats`` and ``StatsError`` load polars on first use: the engine's workers import
+    :mod:`curate.stats.thumbnails` and never compute statistics."""
+    if name in ("compute_stats", "StatsError"):
+        from curate.stats import compute
+
+        return getattr(compute, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def write_stats(output: str, *, report: bool = True) -> Stats:
     """Compute the run's statistics and write ``stats.json`` (and ``report.html``) into ``output``.
 
@@ -40,14 +50,16 @@ def write_stats(output: str, *, report: bool = True) -> Stats:
     import fsspec
 
     from curate.fsutil import write_json
+    from curate.stats.compute import compute_stats
     from curate.stats.report import write_report
+    from curate.stats.thumbnails import read_samples, thumbnail_uris
 
     root = output.rstrip("/")
     stats = compute_stats(root)
     write_json(f"{root}/{STATS_FILE}", stats.as_json())
     written = {"stats": STATS_FILE}
     if report:
-        write_report(stats, f"{root}/{REPORT_FILE}")
+        write_report(stats, f"{root}/{REPORT_FILE}", thumbnails=thumbnail_uris(read_samples(root)))
         written["report"] = REPORT_FILE
     with fsspec.open(f"{root}/manifest.json", "r") as f:
         manifest = json.load(f)

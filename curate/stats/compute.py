@@ -29,6 +29,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import curate.stats.thumbnails as thumbs
 from curate import __version__, rows
 from curate.errors import CurateError
 from curate.stats.model import (
@@ -37,6 +38,7 @@ from curate.stats.model import (
     DuplicateClusters,
     Example,
     FunnelStep,
+    GalleryGroup,
     Histogram,
     ImageSizes,
     Languages,
@@ -509,6 +511,8 @@ def compute_stats(output: str) -> Stats:
     markers = files.done_markers()
     shard_files, dims = files.shard_footers()
     examples = _examples(files, rows.URL in names) if files.ledger_files else []
+    counts = {(st.name, r): n for st in steps for r, n in st.dropped.items()} | {(None, None): kept}
+    gallery = [GalleryGroup.model_validate(g) for g in thumbs.gallery(thumbs.read_samples(files.root), counts)]
 
     m_counts = manifest.get("counts", {})
     m_dropped = {(st, r): n for st, rs in m_counts.get("dropped", {}).items() for r, n in rs.items()}
@@ -527,6 +531,6 @@ def compute_stats(output: str) -> Stats:
         scores=[dist[c] for c in score_cols if c in dist],
         caption_chars=dist.get("caption_chars"), caption_words=dist.get("caption_words"),
         languages=languages, image_sizes=image_sizes, duplicates=duplicate_clusters(manifest),
-        packing=packing(manifest, markers), shards=shard_files, embeddings=dims, examples=examples,
+        packing=packing(manifest, markers), shards=shard_files, embeddings=dims, examples=examples, gallery=gallery,
         source_errors=unreadable_shards(manifest), checks=checks, seconds=round(time.perf_counter() - t0, 3),
     )

@@ -130,6 +130,32 @@ class Example(_Model):
     reason: str | None = None
 
 
+class GalleryRow(_Model):
+    """One sampled row: what the report shows under its thumbnail, as escaped text."""
+
+    key: str
+    caption: str | None = None
+    url: str | None = None
+    fields: dict[str, float | int | bool | str | None] = Field(
+        default_factory=dict, description="The dropping stage's columns of this row (scores, statuses).")
+    thumbnail: bool = Field(description="A 96 px JPEG of the row is in _work/samples.parquet; false: text only "
+                            "(no image bytes: dropped by the download itself, or undecodable).")
+
+
+class GalleryEntry(GalleryRow):
+    duplicate_of: str | None = Field(None, description="A dedup stage's drop: the kept row's key.")
+    original: GalleryRow | None = Field(None, description="A dedup stage's drop: the kept row it copies.")
+
+
+class GalleryGroup(_Model):
+    """The sampled rows of one (stage, reason), or of the kept rows (stage and reason null)."""
+
+    stage: str | None
+    reason: str | None
+    rows: int = Field(description="Rows with this fate in the whole run.")
+    entries: list[GalleryEntry] = Field(description="Smallest seeded key hashes first (a bottom-k sample).")
+
+
 class UnreadableShard(_Model):
     """An input shard the run could not read (the manifest's ``source_errors``): its rows are in no count."""
 
@@ -162,6 +188,8 @@ class Stats(_Model):
                                        "from the Parquet shards' schema.")
     examples: list[Example] = Field(default_factory=list, description="A few rows per drop reason and kept, "
                                     "smallest keys first.")
+    gallery: list[GalleryGroup] = Field(default_factory=list, description="A seeded sample of rows per drop "
+                                        "reason and of the kept rows, with thumbnails (write.thumbnails).")
     source_errors: list[UnreadableShard] = Field(default_factory=list, description="Input shards that could "
                                                  "not be read (from the manifest); the run is incomplete until "
                                                  "a re-run reads them.")

@@ -1,7 +1,8 @@
 """``report.html``: one self-contained page drawn from a :class:`~curate.stats.model.Stats`.
 
-The page is a pure function of ``stats.json``, so it can be redrawn without the
-run. Plots are matplotlib PNGs embedded as ``data:`` URIs; the page fetches
+The page is a pure function of ``stats.json`` (and the thumbnails its gallery names, from
+``_work/samples.parquet``), so it can be redrawn without the run. Plots are matplotlib PNGs and
+thumbnails JPEGs, embedded as ``data:`` URIs; the page fetches
 nothing (its Content-Security-Policy forbids any fetch and any script), so it
 opens from a laptop, a bucket or an e-mail attachment alike. Every string that
 came from the data (captions, URLs, reasons, source names) goes through
@@ -36,6 +37,8 @@ LOG_SCALE_SPREAD = 50
 #: Up to this many distinct cluster sizes get a tick each.
 MAX_SIZE_TICKS = 20
 ALL_COLOR, KEPT_COLOR, DROP_COLOR = "#9aa5b1", "#2f7ed8", "#d9534f"
+#: Galleries drawn per stage (its largest reasons); the others are named under them.
+MAX_GALLERY_REASONS = 12
 
 
 @dataclass
@@ -179,14 +182,34 @@ def plots(stats: Stats) -> list[Plot]:
     return [p for p in out if p is not None]
 
 
-def render_report(stats: Stats) -> str:
-    """The HTML page; autoescaped, so data strings cannot inject markup."""
+def galleries(stats: Stats) -> tuple[list, dict[str, list[str]]]:
+    """The gallery groups drawn (per stage its MAX_GALLERY_REASONS largest reasons), and per stage the
+    reasons left out."""
+    drawn: list = []
+    left: dict[str, list[str]] = {}
+    per: dict[str | None, int] = {}
+    for g in stats.gallery:  # funnel order: a stage's reasons largest first
+        per[g.stage] = per.get(g.stage, 0) + 1
+        if per[g.stage] <= MAX_GALLERY_REASONS:
+            drawn.append(g)
+        else:
+            left.setdefault(g.stage or "kept", []).append(g.reason or "")
+    return drawn, left
+
+
+def render_report(stats: Stats, thumbnails: dict[str, str] | None = None) -> str:
+    """The HTML page; autoescaped, so data strings cannot inject markup.
+
+    ``thumbnails`` maps a gallery row's key to its ``data:image/jpeg`` URI
+    (:func:`curate.stats.thumbnails.thumbnail_uris`); rows without one are shown as text."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
                              autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     kept_share = stats.rows.kept / stats.rows.input if stats.rows.input else 0.0
     env.filters["size"] = _human_bytes
-    return env.get_template("report.html.j2").render(stats=stats, plots=plots(stats), kept_share=kept_share)
+    drawn, left = galleries(stats)
+    return env.get_template("report.html.j2").render(stats=stats, plots=plots(stats), kept_share=kept_share,
+                                                     gallery=drawn, gallery_left=left, thumbs=thumbnails or {})
 
 
 def _human_bytes(n: int) -> str:
@@ -197,8 +220,8 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover - loop always returns
 
 
-def write_report(stats: Stats, path: str) -> None:
+def write_report(stats: Stats, path: str, thumbnails: dict[str, str] | None = None) -> None:
     from curate.fsutil import atomic_open
 
     with atomic_open(path) as f:
-        f.write(render_report(stats).encode("utf-8"))
+        f.write(render_report(stats, thumbnails).encode("utf-8"))

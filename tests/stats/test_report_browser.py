@@ -138,7 +138,8 @@ PROBE = """(async () => {
   const imgs = Array.from(document.images);
   await Promise.all(imgs.map(i => i.decode().catch(() => null)));
   return {
-    images: imgs.map(i => ({alt: i.alt, complete: i.complete, w: i.naturalWidth, h: i.naturalHeight})),
+    images: imgs.map(i => ({alt: i.alt, complete: i.complete, w: i.naturalWidth, h: i.naturalHeight,
+                            thumb: i.classList.contains('thumb')})),
     scripts: document.scripts.length,
     captions: Array.from(document.querySelectorAll('td.caption')).map(td => td.textContent),
     title: document.title,
@@ -153,16 +154,51 @@ def chromium():
     browser.close()
 
 
+GALLERY_PROBE = """(async () => {
+  const thumbs = Array.from(document.querySelectorAll('.tile img.thumb'));
+  await Promise.all(thumbs.map(i => i.decode().catch(() => null)));
+  const tiles = Array.from(document.querySelectorAll('section.gallery .tile'));
+  return {
+    groups: Array.from(document.querySelectorAll('section.gallery h3')).map(h => h.textContent),
+    thumbs: thumbs.map(i => ({complete: i.complete, w: i.naturalWidth, h: i.naturalHeight,
+                              shown: i.getBoundingClientRect().width})),
+    tiles: tiles.length,
+    pairs: document.querySelectorAll('.tile.pair img.thumb').length,
+    captions: tiles.map(t => (t.querySelector('.caption') || {}).textContent),
+    markup_in_text: document.querySelectorAll('.tile .caption *, .tile .url *, .tile .key *').length,
+    scripts: document.scripts.length,
+  };
+})()"""
+
+
 def test_report_renders_every_plot_without_errors(known_run, chromium):
     report = known_run.output / "report.html"
     page, errors = chromium.load(report.as_uri(), PROBE)
     assert errors == []
-    assert len(page["images"]) >= 10
-    for img in page["images"]:
+    plots = [i for i in page["images"] if not i["thumb"]]
+    assert len(plots) >= 10
+    for img in plots:
         assert img["complete"] and img["w"] > 100 and img["h"] > 100, img
     assert page["scripts"] == 0
     assert SCRIPT_CAPTION in page["captions"]  # shown as text, not run
     assert page["title"].startswith("curate report")
+
+
+def test_gallery_thumbnails_render_and_captions_stay_text(known_run, chromium):
+    """The gallery: every thumbnail decodes at <= 96 px, each dedup copy sits beside its original,
+    and the caption holding <script> is text in its tile, with no element (or script) made of it."""
+    from conftest import CLEAN, DUPES, FOREIGN, SHORT, TINY
+
+    page, errors = chromium.load((known_run.output / "report.html").as_uri(), GALLERY_PROBE)
+    assert errors == []
+    assert any(g.startswith("caption_length: caption_too_few_words") for g in page["groups"])
+    assert any(g.startswith("dedup_exact: duplicate:exact_image") for g in page["groups"])
+    assert page["tiles"] == SHORT + TINY + FOREIGN + DUPES + min(16, CLEAN)
+    assert len(page["thumbs"]) == page["tiles"] + DUPES and page["pairs"] == 2 * DUPES
+    for img in page["thumbs"]:
+        assert img["complete"] and 0 < img["w"] <= 96 and 0 < img["h"] <= 96 and img["shown"] > 0, img
+    assert SCRIPT_CAPTION in page["captions"]
+    assert page["markup_in_text"] == 0 and page["scripts"] == 0
 
 
 def test_the_check_sees_a_broken_plot_and_a_console_error(chromium, tmp_path):
