@@ -57,9 +57,9 @@ def _ledger(out: Path) -> pa.Table:
                             promote_options="permissive")
 
 
-def _run_killed(make_recipe, recipe: dict, out: Path):
+def _run_killed(make_recipe, recipe: dict, out: Path, ready=None):
     recipe = {**recipe, "write": {**recipe["write"], "output": str(out)}}
-    killer = _ActorKiller(_parts_written(out))
+    killer = _ActorKiller(ready or _parts_written(out))
     killer.start()
     try:
         manifest = run(load_recipe(make_recipe(recipe, name="killed.yaml")))
@@ -119,7 +119,12 @@ def test_recaption_actor_killed_mid_run_is_restarted(tmp_path, make_recipe, ray_
                   "write": {"output": str(tmp_path / "ref"), "samples_per_shard": 60},
                   "runtime": {"num_cpus": 2}}
         run(load_recipe(make_recipe(recipe, name="ref.yaml")))
-        manifest = _run_killed(make_recipe, recipe, tmp_path / "killed")
+        # Kill once the server has answered a sixth of the rows: the pool is busy and most work is
+        # queued. (Waiting for a part file raced on 2 busy cores: the parts' writer could be
+        # scheduled only once the actors had finished and left, so no actor was ever seen.)
+        base = server.requests
+        manifest = _run_killed(make_recipe, recipe, tmp_path / "killed",
+                               ready=lambda: server.requests - base >= n // 6)
     finally:
         server.stop()
     assert manifest.complete and manifest.counts.input == n
