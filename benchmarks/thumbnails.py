@@ -14,7 +14,8 @@ process. That sum over the run's CPU is the cost the README quotes.
 Run::
 
     python benchmarks/thumbnails.py                                  # demo.yaml and datacomp-basic.yaml, 3 reps
-    python benchmarks/thumbnails.py --recipes pipelines/datacomp-basic.yaml --reps 2
+    python benchmarks/thumbnails.py --recipes pipelines/datacomp-basic.yaml --samples 10000 --reps 2
+    python benchmarks/thumbnails.py --samples-per-shard 500                    # many small shards: the worst case
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).parent))  # the shared harness, as `python
 from _harness.procs import REPO, run_tool, tool_env  # noqa: E402
 
 #: As demo.yaml sets them, for any recipe: the world is served on 127.0.0.1 and its failures are permanent.
-DOWNLOAD_SETTINGS = ["stages.0.allow_private_networks=true", "stages.0.timeout=2", "stages.0.retries=0",
-                     "write.samples_per_shard=500"]
+DOWNLOAD_SETTINGS = ["stages.0.allow_private_networks=true", "stages.0.timeout=2", "stages.0.retries=0"]
 
 PROBED = {
     "curate.engine.samples": ["sample_drops", "split_samples", "write_table", "pick_global", "write_global_picks",
-                              "read_global_picks", "thumbnail_wanted", "sample_kept", "merge_run"],
+                              "read_global_picks", "thumbnail_wanted", "sample_kept", "shard_sample_paths",
+                              "sample_shard", "merge_run"],
     "curate.stats.thumbnails": ["read_samples", "gallery", "thumbnail_uris"],
 }
 
@@ -118,6 +119,9 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="+", default=["pipelines/demo.yaml", "pipelines/datacomp-basic.yaml"])
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--samples-per-shard", type=int, default=10000,
+                    help="write.samples_per_shard (the recipes' default, 10,000): the sample costs up to k "
+                         "thumbnails per stage, reason and shard, so small shards cost more per row")
     ap.add_argument("--work", type=Path, default=None, help="keep world and outputs here (default: a temp folder)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="curate-thumb-bench-"))
@@ -139,7 +143,9 @@ def main() -> None:
                 probe.mkdir(parents=True, exist_ok=True)
                 env = tool_env({"PYTHONPATH": f"{site}:{REPO}", "CURATE_THUMB_PROBE": str(probe),
                                 "CURATE_THUMB_PROBED": json.dumps(PROBED)})
-                sets = [x for kv in [*DOWNLOAD_SETTINGS, f"write.thumbnails={mode}"] for x in ("--set", kv)]
+                settings = [*DOWNLOAD_SETTINGS, f"write.thumbnails={mode}",
+                            f"write.samples_per_shard={args.samples_per_shard}"]
+                sets = [x for kv in settings for x in ("--set", kv)]
                 r = run_tool(base + ["-o", str(work / tag), "--recipe", str(REPO / recipe), *sets],
                              name=tag, log_path=work / f"{tag}.log", env=env, limit=1800)
                 total, per, calls = probe_totals(probe)

@@ -17,7 +17,7 @@ from curate import __version__, rows
 from curate.engine.layout import DONE, Layout, ShardMarker, writing
 from curate.engine.parts import read_part_files
 from curate.engine.plan import Phase, stage_name
-from curate.engine.samples import merge_run, sample_kept, write_table
+from curate.engine.samples import merge_run, sample_shard, write_table
 from curate.fsutil import write_json
 from curate.manifest import Counts, Manifest, ShardEntry, SourceErrorEntry, StageCounters
 from curate.recipe import Recipe
@@ -27,10 +27,11 @@ from curate.stages.registry import stage_class
 
 
 def finalize_shard(*, marker: ShardMarker, formats: list[str], ctx: SinkContext,
-                   kept_samples_dir: str | None = None) -> dict[str, Any]:
+                   kept_samples_dir: str | None = None, part_samples: list[str] | None = None) -> dict[str, Any]:
     """Write one committed shard through every sink; the ``_done`` marker last. Returns the marker.
 
-    With ``kept_samples_dir`` a sample of the kept rows is thumbnailed there (``write.thumbnails``)."""
+    With ``kept_samples_dir`` (``write.thumbnails``) the shard's sample, its kept rows' and its parts'
+    (``part_samples``), is thumbnailed there."""
     tables = read_part_files(marker.parts)
     table = rows.concat(tables) if tables else pa.table({})
     del tables
@@ -57,7 +58,7 @@ def finalize_shard(*, marker: ShardMarker, formats: list[str], ctx: SinkContext,
             wrote = sink.write(shard)
         done["outputs"] += wrote.outputs
         done.update(wrote.record)
-    sample = sample_kept(kept) if kept_samples_dir is not None else None
+    sample = sample_shard(kept, part_samples or []) if kept_samples_dir is not None else None
     if sample is not None:
         with writing(f"{kept_samples_dir}/{shard.name}.parquet"):
             write_table(f"{kept_samples_dir}/{shard.name}.parquet", sample)
@@ -145,7 +146,7 @@ def write_manifest(recipe: Recipe, layout: Layout, phases: list[Phase], specs: l
         timings=timings.as_dict() if timings else {},
     )
     if complete and recipe.write.thumbnails:  # the report's thumbnails: committed parts' and shards' samples
-        merge_run(layout, phases, specs)
+        merge_run(layout, specs)
     layout.write_json(layout.path("manifest.json"), manifest.model_dump(mode="json"))
     return manifest
 

@@ -28,7 +28,7 @@ from curate.engine.finalize import Timings, finalize_shard
 from curate.engine.layout import Layout, ShardMarker, pending
 from curate.engine.parts import apply_decisions, read_part_files
 from curate.engine.plan import Phase, Plan, stage_name
-from curate.engine.samples import GLOBAL_SAMPLES, pick_global, write_global_picks
+from curate.engine.samples import GLOBAL_SAMPLES, pick_global, shard_sample_paths, write_global_picks
 from curate.engine.session import cluster_cpus
 from curate.errors import InputError
 from curate.fsutil import atomic_open
@@ -77,9 +77,12 @@ class Finalizer:
     def submit(self, marker: ShardMarker) -> None:
         import ray
 
-        kept_dir = self.run.layout.work("kept") if self.run.recipe.write.thumbnails else None
+        thumbnails = self.run.recipe.write.thumbnails
+        kept_dir = self.run.layout.work("kept") if thumbnails else None
+        part_samples = shard_sample_paths(self.run.layout, len(self.run.plan.phases), marker) if thumbnails else None
         self.in_flight.append(self.remote.remote(marker=marker, formats=list(self.run.recipe.write.formats),
-                                                 ctx=self.run.sink_ctx, kept_samples_dir=kept_dir))
+                                                 ctx=self.run.sink_ctx, kept_samples_dir=kept_dir,
+                                                 part_samples=part_samples))
         while len(self.in_flight) >= self.max_in_flight:
             ready, self.in_flight = ray.wait(self.in_flight, num_returns=1)
             ray.get(ready)

@@ -11,10 +11,18 @@ Where each sample is drawn, always while the row still holds its image bytes:
   (:func:`pick_global`) and writes them, with each duplicate's kept row (``duplicate_of``), to
   ``_work/gK/_samples.parquet``; the next phase's read tasks thumbnail those rows before joining
   the decisions (:func:`thumbnail_wanted`).
-- kept rows: per shard, in its finalize task (:func:`sample_kept`), into ``_work/kept/NNNNN.parquet``.
+- kept rows: per shard, in its finalize task (:func:`sample_kept`).
 
-A sampled row carries its records (``_sample``, JSON) and thumbnail (``_thumb``) to the part writer,
-which stores them beside its part as ``_work/pK/samples/<part name>`` (:func:`split_samples`). Only
+Each shard's finalize task merges its kept rows' sample and its parts' samples to the shard's k
+smallest per (stage, reason) and thumbnails only those (:func:`sample_shard`), into
+``_work/kept/NNNNN.parquet``; :func:`merge_run` merges the shards' files.
+
+A sampled row carries its records (``_sample``, JSON) and its image bytes (``_thumb``) to the part
+writer, which stores them beside its part as ``_work/pK/samples/<part name>`` (:func:`split_samples`),
+the bytes as they are (up to 512 KiB): only a row chosen for the shard is ever thumbnailed. A map stage's candidates are pruned once
+more in the writer, to the k smallest per (stage, reason) of the part (a part's rows commit
+together), so a shard's thumbnails are about k per reason and part, not one per row that entered
+the worker's running k smallest (k·(1 + ln(m/k)) over a stream of m drops). Only
 the samples of committed parts are merged, so a resumed run merges the same set as an uninterrupted
 one; :func:`merge_run` writes ``_work/samples.parquet`` when the run is complete.
 """
@@ -36,7 +44,8 @@ from curate import rows
 from curate.fsutil import atomic_open
 
 SAMPLE_COL = "_sample"  # JSON list of sample records of the row (without the thumbnail)
-THUMB_COL = "_thumb"  # the row's thumbnail (JPEG), or null
+THUMB_COL = "_thumb"  # the row's image bytes until the part writer makes them its thumbnail, or null
+_PRUNE = "_prune"  # a record of a map stage's drop: the writer keeps the part's k smallest per (stage, reason)
 DUPLICATE_OF = "duplicate_of"
 #: A global stage's chosen rows, in its decisions folder.
 GLOBAL_SAMPLES = "_samples.parquet"
@@ -135,7 +144,7 @@ def sample_drops(before: pa.Table, after: pa.Table, stage_name: str, fields: lis
     records = {}
     for h, reason, i in chosen:
         records[i] = {"key": str(after[rows.KEY][i].as_py()), "hash": h, "stage": stage_name, "reason": reason,
-                      "role": th.DROPPED, "fields": fields_of(after, cols, i), **_text(before, i),
+                      "role": th.DROPPED, _PRUNE: True, "fields": fields_of(after, cols, i), **_text(before, i),
                       "_image": images[i].as_py() if images is not None else None}
     return attach(after, records)
 
@@ -145,28 +154,40 @@ def _text(table: pa.Table, i: int) -> dict[str, Any]:
 
 
 def attach(table: pa.Table, records: dict[int, dict[str, Any]]) -> pa.Table:
-    """Add sample records (``_image``: the bytes to thumbnail) to rows by position: ``_sample`` and ``_thumb``."""
+    """Add sample records (``_image``: the bytes to thumbnail) to rows by position: ``_sample`` and
+    ``_thumb`` (the bytes; :func:`split_samples` thumbnails them)."""
     old_s = table[SAMPLE_COL].to_pylist() if SAMPLE_COL in table.column_names else [None] * table.num_rows
     old_t = table[THUMB_COL].to_pylist() if THUMB_COL in table.column_names else [None] * table.num_rows
     for i, rec in records.items():
         data = rec.pop("_image", None)
         if old_t[i] is None:
-            old_t[i] = th.make_thumbnail(data)
+            old_t[i] = data
         old_s[i] = json.dumps((json.loads(old_s[i]) if old_s[i] else []) + [rec])
     table = rows.with_column(table, SAMPLE_COL, pa.array(old_s, pa.string()))
     return rows.with_column(table, THUMB_COL, pa.array(old_t, pa.binary()))
 
 
 def split_samples(t: pa.Table) -> tuple[pa.Table, pa.Table | None]:
-    """A part's rows without the sample columns, and its sample records (None when it has none)."""
+    """A part's rows without the sample columns, and its sample records, thumbnailed (None when it has
+    none). A map stage's drops are first cut to the part's k smallest hashes per (stage, reason)."""
     if SAMPLE_COL not in t.column_names:
         return t, None
-    recs = []
-    for s, thumb in zip(t[SAMPLE_COL].to_pylist(), t[THUMB_COL].to_pylist(), strict=True):
-        if s:
-            recs += [{**r, "thumbnail": thumb} for r in json.loads(s)]
+    idx = pc.indices_nonzero(pc.is_valid(t[SAMPLE_COL]).combine_chunks()).to_pylist()
+    per_row = {i: json.loads(t[SAMPLE_COL][i].as_py()) for i in idx}
+    groups: dict[tuple[str, str], list[tuple[int, str, int, int]]] = {}
+    for i, recs in per_row.items():
+        for j, r in enumerate(recs):
+            if r.get(_PRUNE):
+                groups.setdefault((r["stage"], r["reason"]), []).append((r["hash"], r["key"], i, j))
+    cut = {(i, j) for cands in groups.values() for _, _, i, j in sorted(cands)[th.PER_REASON:]}
+    out = []
+    for i, recs in per_row.items():
+        recs = [{k: v for k, v in r.items() if k != _PRUNE} for j, r in enumerate(recs) if (i, j) not in cut]
+        if recs:
+            picture = th.image_or_thumbnail(t[THUMB_COL][i].as_py())
+            out += [{**r, **picture} for r in recs]
     t = t.drop([SAMPLE_COL, THUMB_COL])
-    return t, (th.records_table(recs) if recs else None)
+    return t, (th.records_table(out) if out else None)
 
 
 def samples_dir(parts_dir: str) -> str:
@@ -174,13 +195,19 @@ def samples_dir(parts_dir: str) -> str:
     return parts_dir.rstrip("/").rsplit("/", 1)[0] + "/samples"
 
 
-def read_tables(paths: list[str]) -> list[pa.Table]:
-    """Small Parquet files, several at once (on object storage each is a round trip)."""
+def read_tables(paths: list[str], *, missing_ok: bool = False) -> list[pa.Table | None]:
+    """Small Parquet files, several at once (on object storage each is a round trip); a missing one
+    is None with ``missing_ok``."""
     import fsspec
 
-    def one(path: str) -> pa.Table:
-        with fsspec.open(path, "rb") as f:
-            return pq.read_table(f)
+    def one(path: str) -> pa.Table | None:
+        try:
+            with fsspec.open(path, "rb") as f:
+                return pq.read_table(f)
+        except FileNotFoundError:
+            if missing_ok:
+                return None
+            raise
 
     with ThreadPoolExecutor(16, thread_name_prefix="curate-samples") as pool:
         return list(pool.map(one, paths))
@@ -288,30 +315,35 @@ def sample_kept(kept: pa.Table) -> pa.Table | None:
     cols = [c for c in kept.column_names if pa.types.is_integer(kept.schema.field(c).type)
             or pa.types.is_floating(kept.schema.field(c).type)]
     recs = [{"key": k, "hash": h, "role": th.KEPT_ROLE, "fields": fields_of(kept, cols, i), **_text(kept, i),
-             "thumbnail": th.make_thumbnail(images[i].as_py() if images is not None else None)}
+             **th.image_or_thumbnail(images[i].as_py() if images is not None else None)}
             for h, k, i in chosen]
     return th.records_table(recs)
 
 
-def merge_run(layout: Any, phases: list[Any], specs: list[dict[str, Any]]) -> int:
-    """Merge the samples of every committed part and finalized shard into ``_work/samples.parquet``;
-    return how many records it holds. Files of parts that were never committed are ignored."""
-    paths: list[str] = []
-    for ph in phases:
-        sdir = samples_dir(layout.parts_dir(ph.index))
-        present = set(layout.listdir_names(sdir))
-        if not present:
-            continue
-        committed = layout.shards_in(layout.phase_dir(ph.index))
-        for s in specs:
-            if s["shard"] in committed:
-                for part in layout.read_marker(ph.index, s["shard"]).parts:
-                    name = part.rsplit("/", 1)[-1]
-                    if name in present:
-                        paths.append(f"{sdir}/{name}")
+def shard_sample_paths(layout: Any, n_phases: int, last: Any) -> list[str]:
+    """Where the sample files of a committed shard's parts would be, every phase's (``last``: its
+    marker in the last phase). A part with no sampled row has none: :func:`sample_shard` skips it."""
+    markers = [layout.read_marker(p, last.shard) for p in range(n_phases - 1)] + [last]
+    return [f"{samples_dir(layout.parts_dir(p))}/{part.rsplit('/', 1)[-1]}"
+            for p, m in enumerate(markers) for part in m.parts]
+
+
+def sample_shard(kept: pa.Table, part_samples: list[str]) -> pa.Table | None:
+    """A shard's sample, thumbnailed: its kept rows' and its parts' candidates cut to the k smallest
+    per (stage, reason), every global pick's original kept (its copy may be in another shard)."""
+    tables = [t for t in read_tables(part_samples, missing_ok=True) if t is not None]
+    kept_sample = sample_kept(kept)
+    if kept_sample is not None:
+        tables.append(kept_sample)
+    return th.merge(tables, all_originals=True) if tables else None
+
+
+def merge_run(layout: Any, specs: list[dict[str, Any]]) -> int:
+    """Merge the finalized shards' samples (:func:`sample_shard`) into ``_work/samples.parquet``;
+    return how many records it holds."""
     kept_dir = layout.work("kept")
     present = set(layout.listdir_names(kept_dir))
-    paths += [f"{kept_dir}/{s['shard']:05d}.parquet" for s in specs if f"{s['shard']:05d}.parquet" in present]
-    merged = th.merge(read_tables(paths))
+    paths = [f"{kept_dir}/{s['shard']:05d}.parquet" for s in specs if f"{s['shard']:05d}.parquet" in present]
+    merged = th.merge([t for t in read_tables(paths) if t is not None])
     write_table(layout.path(th.SAMPLES_FILE), merged)
     return merged.num_rows

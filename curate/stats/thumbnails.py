@@ -55,8 +55,11 @@ DROPPED, KEPT_ROLE, ORIGINAL = "dropped", "kept", "original"
 SCHEMA = pa.schema([
     ("key", pa.string()), ("hash", pa.uint64()), ("stage", pa.string()), ("reason", pa.string()),
     ("role", pa.string()), ("pair", pa.string()), ("caption", pa.string()), ("url", pa.string()),
-    ("fields", pa.string()), ("thumbnail", pa.binary()),
+    ("fields", pa.string()), ("thumbnail", pa.binary()), ("image", pa.binary()),
 ])
+#: A worker stores a candidate's image bytes up to this size and leaves the thumbnail to the merge,
+#: which makes one only for the rows it chooses; a larger image is thumbnailed at once.
+RAW_BYTES = 512 * 1024
 
 
 def sample_hash(key: str) -> int:
@@ -127,15 +130,33 @@ def records_table(records: Sequence[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{name: r.get(name) for name in SCHEMA.names} for r in records], schema=SCHEMA)
 
 
-def merge(tables: Sequence[pa.Table], *, per_reason: int = PER_REASON, kept: int = KEPT) -> pa.Table:
+def image_or_thumbnail(data: bytes | None) -> dict[str, bytes | None]:
+    """A candidate's picture as a worker stores it: the bytes (thumbnailed by the merge, and only if
+    chosen) or, above :data:`RAW_BYTES`, the thumbnail made now."""
+    if data is not None and len(data) > RAW_BYTES:
+        return {"thumbnail": make_thumbnail(data), "image": None}
+    return {"thumbnail": None, "image": data}
+
+
+def _has_picture(r: dict[str, Any]) -> bool:
+    return r["thumbnail"] is not None or r["image"] is not None
+
+
+def merge(tables: Sequence[pa.Table], *, per_reason: int = PER_REASON, kept: int = KEPT,
+          all_originals: bool = False) -> pa.Table:
     """The k smallest hashes per (stage, reason) over every sample, kept rows apart, and each chosen
-    duplicate's original. Input order never matters: ties are broken by key."""
+    duplicate's original (every original with ``all_originals``: a merge of one shard's samples,
+    whose copies may lie in other shards). Input order never matters: ties are broken by key.
+    Chosen rows that hold image bytes are thumbnailed here."""
     seen: dict[tuple, dict[str, Any]] = {}
     for t in tables:
+        for name in SCHEMA.names:
+            if name not in t.column_names:  # samples written before a column existed
+                t = t.append_column(name, pa.nulls(t.num_rows, SCHEMA.field(name).type))
         for r in t.select(SCHEMA.names).cast(SCHEMA).to_pylist():
             ident = (r["stage"], r["reason"], r["role"], r["key"], r["pair"])
             old = seen.get(ident)
-            if old is None or (old["thumbnail"] is None and r["thumbnail"] is not None):
+            if old is None or (not _has_picture(old) and _has_picture(r)):
                 seen[ident] = r
     groups: dict[tuple, list[dict[str, Any]]] = {}
     originals: list[dict[str, Any]] = []
@@ -150,8 +171,15 @@ def merge(tables: Sequence[pa.Table], *, per_reason: int = PER_REASON, kept: int
         for r in sorted(rs, key=lambda r: (r["hash"], r["key"]))[:kept if role == KEPT_ROLE else per_reason]:
             out.append(r)
             chosen.add((stage, reason, r["key"]))
-    out += sorted((r for r in originals if (r["stage"], r["reason"], r["pair"]) in chosen),
+    out += sorted((r for r in originals if all_originals or (r["stage"], r["reason"], r["pair"]) in chosen),
                   key=lambda r: (r["stage"] or "", r["reason"] or "", r["pair"] or "", r["key"]))
+    thumbs: dict[bytes, bytes | None] = {}  # a copy and its original often share their bytes
+    for r in out:
+        if r["thumbnail"] is None and r["image"] is not None:
+            if r["image"] not in thumbs:
+                thumbs[r["image"]] = make_thumbnail(r["image"])
+            r["thumbnail"] = thumbs[r["image"]]
+        r["image"] = None
     return pa.Table.from_pylist(out, schema=SCHEMA)
 
 

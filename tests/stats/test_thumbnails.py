@@ -129,6 +129,32 @@ def test_workers_thumbnail_only_rows_that_may_be_in_the_sample():
     assert written < drops / 3, (written, drops)
 
 
+def test_only_rows_the_merge_chooses_are_thumbnailed(monkeypatch):
+    """Workers store a candidate's bytes; the merge thumbnails only the rows it keeps (a larger image
+    than th.RAW_BYTES is thumbnailed on the worker, so the bytes stored stay small)."""
+    table = _input(600, shards=1)
+    calls = []
+    real = th.make_thumbnail
+    monkeypatch.setattr(th, "make_thumbnail", lambda data, *a, **kw: calls.append(data) or real(data, *a, **kw))
+    stages = _stages()
+    records = []
+    for start in range(0, table.num_rows, 50):  # one worker, twelve parts of one shard
+        batch = table.slice(start, 50)
+        for st in stages:
+            batch = sample_drops(batch, st(batch), st.stage_name, list(st.output_columns), DropSampler())
+        _, sample = split_samples(batch)
+        if sample is not None:
+            records.append(sample)
+    assert not calls and all(r["thumbnail"] is None for t in records for r in t.to_pylist())
+    assert sum(r["image"] is not None for t in records for r in t.to_pylist()) > 0
+    merged = th.merge(records)
+    assert merged.num_rows == 5 * th.PER_REASON and len(calls) <= merged.num_rows
+    assert merged["image"].null_count == merged.num_rows  # the merge keeps thumbnails, not bytes
+
+    big = jpeg_bytes(size=(8, 8)) + b"\0" * (th.RAW_BYTES + 1)  # a JPEG's trailing bytes are ignored
+    assert th.image_or_thumbnail(big)["image"] is None and th.image_or_thumbnail(big)["thumbnail"]
+
+
 def test_merge_caps_kept_rows_and_keeps_each_chosen_copy_with_its_original():
     def rec(key, role, stage=None, reason=None, pair=None):
         return {"key": key, "hash": th.sample_hash(key), "stage": stage, "reason": reason, "role": role,
