@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from curate.errors import OutputError
+from curate.errors import InputError, OutputError
 from curate.recipe import load_recipe
 from curate.runner import run
 from tests.conftest import jpeg_bytes, png_bytes, write_tar
@@ -249,3 +249,18 @@ def test_global_stage_column_typo_fails_before_any_download(tmp_path, make_recip
     with pytest.raises(CurateError, match=r"keep_fraction reads column\(s\) \['clip_scor'\]"):
         run(load_recipe(recipe))
     assert not (tmp_path / "out").exists()
+
+
+def test_global_stage_refuses_keys_repeated_across_shards(tmp_path, make_recipe, ray_session):
+    """Decisions join on keys, so a key in two shards stops the global phase naming it, even when one
+    of the two rows was already dropped (the global phase reads only kept rows' columns, all keys)."""
+    for t in range(2):
+        write_tar(tmp_path / "src" / f"{t:03d}.tar",
+                  [{"__key__": f"k{i}", "jpg": jpeg_bytes(color=(i * 40, t * 90, 3)),
+                    "txt": "x" if (t, i) == (1, 0) else f"caption words {t} {i}"} for i in range(3)])
+    recipe = make_recipe({"source": {"path": str(tmp_path / "src" / "*.tar")},
+                          "stages": [{"use": "caption_length", "min_words": 2},
+                                     {"use": "dedup_exact", "by": ["caption"]}],
+                          "write": {"output": str(tmp_path / "o")}})
+    with pytest.raises(InputError, match=r"unique keys; repeated: \['k0', 'k1', 'k2'\]"):
+        run(load_recipe(recipe))

@@ -44,7 +44,6 @@ import pyarrow as pa
 
 from curate.text import normalise_caption
 
-
 Shingle = Literal["char", "word"]
 
 #: Shingle hashes per chunk in the numpy reference (:func:`signatures_from_hashes`): (chunk × num_perm)

@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -208,14 +208,20 @@ def with_protocol(like: str, path: str) -> str:
     return path
 
 
-def read_part_files(paths: list[str], wanted: set[str] | None = None) -> list[pa.Table]:
-    """Read part files (all columns, or those in ``wanted``), several at once; in order."""
+def read_part_files(paths: list[str], wanted: set[str] | None = None,
+                    each: Callable[[pa.Table], Any] | None = None) -> list[Any]:
+    """Read part files (all columns, or those in ``wanted``), several at once; in order.
 
-    def one(path: str) -> pa.Table:
+    ``each``, when given, is applied to each table in the thread that read it, and its results are
+    returned instead: a caller that keeps a part's few rows or columns never holds every whole part.
+    """
+
+    def one(path: str) -> Any:
         with fsspec.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             cols = None if wanted is None else [c for c in pf.schema_arrow.names if c in wanted]
-            return pf.read(columns=cols)
+            table = pf.read(columns=cols)
+        return table if each is None else each(table)
 
     if len(paths) <= 1:
         return [one(p) for p in paths]

@@ -26,9 +26,14 @@ from curate.engine.dataset import build_dataset
 from curate.engine.events import GlobalsDone, OnProgress, PhaseEnded, PhaseStarted, RowsDone
 from curate.engine.finalize import Timings, finalize_shard
 from curate.engine.layout import Layout, ShardMarker, pending
-from curate.engine.parts import apply_decisions, read_part_files
+from curate.engine.parts import read_part_files
 from curate.engine.plan import Phase, Plan, stage_name
-from curate.engine.samples import GLOBAL_SAMPLES, pick_global, shard_sample_paths, write_global_picks
+from curate.engine.samples import (
+    GLOBAL_SAMPLES,
+    pick_global,
+    shard_sample_paths,
+    write_global_picks,
+)
 from curate.engine.session import cluster_cpus
 from curate.errors import InputError
 from curate.fsutil import atomic_open
@@ -242,26 +247,47 @@ def run_globals(run: RunState, phase: Phase) -> None:
         run.global_info.update(layout.read_json(info_path))
         return
     t_start = time.perf_counter()
+    try:
+        names = _run_globals(run, phase, gdir)
+    finally:
+        # Arrow's allocator (jemalloc) keeps freed pages for reuse: without this the driver holds
+        # the global phase's transient peak (sorts, hash tables, copies) through every later phase.
+        pa.default_memory_pool().release_unused()
+    seconds = time.perf_counter() - t_start
+    run.timings.globals += seconds
+    run.on_progress(GlobalsDone(phase.index, tuple(names), seconds))
+
+
+def _run_globals(run: RunState, phase: Phase, gdir: str) -> list[str]:
+    """The global stages over the kept rows, each seeing what the previous kept; their names."""
+    layout = run.layout
     names = [stage_name(g) for g in phase.globals_after]
     stages: list[GlobalStage] = [stage_class(g.use)(g) for g in phase.globals_after]  # type: ignore[misc]
-    wanted = {rows.KEY, rows.STATUS, rows.DROPPED_BY, rows.REASON}
-    for st in stages:
-        wanted.update(st.input_columns())
+    inputs = list(dict.fromkeys(c for st in stages for c in st.input_columns()))
     owners: list[int] = []
     paths: list[str] = []
     for s in run.specs:
         marker = layout.read_marker(phase.index, s["shard"])
         owners += [s["shard"]] * len(marker.parts)
         paths += marker.parts
-    tables = [t.append_column(rows.SHARD, pa.array([shard] * t.num_rows, pa.int64()))
-              for shard, t in zip(owners, read_part_files(paths, wanted), strict=True)]
-    table = rows.concat(tables)
-    del tables
-    if table.num_rows and pc.count_distinct(table[rows.KEY]).as_py() != table.num_rows:
-        counts = pc.value_counts(table[rows.KEY])
+
+    def live(t: pa.Table) -> tuple[pa.Array, pa.Table]:
+        """A part's keys (all rows, for the uniqueness check) and its kept rows' key and input columns:
+        rows dropped earlier take no part in a global decision, so the driver never holds them."""
+        kept = t.filter(pc.equal(t[rows.STATUS], rows.KEPT))
+        return t[rows.KEY], kept.select([c for c in (rows.KEY, *inputs) if c in kept.column_names])
+
+    read = read_part_files(paths, {rows.KEY, rows.STATUS, *inputs}, each=live)
+    keys = pa.chunked_array([c for k, _ in read for c in k.cast(pa.string()).chunks], pa.string())
+    if len(keys) and pc.count_distinct(keys).as_py() != len(keys):
+        counts = pc.value_counts(keys)
         repeated = [c["values"] for c in counts.to_pylist() if c["counts"] > 1][:5]
         raise InputError(f"global stages need unique keys; repeated: {repeated}. Set source.key_col to a "
                          "unique column, or leave it unset so curate numbers the rows")
+    del keys
+    table = rows.concat([t.append_column(rows.SHARD, pa.array([shard] * t.num_rows, pa.int64()))
+                         for shard, (_, t) in zip(owners, read, strict=True)])
+    del read
     info: dict[str, dict[str, Any]] = {}
     picks: list[dict[str, Any]] = []  # the dropped rows the report shows (write.thumbnails)
     for st, name in zip(stages, names, strict=True):
@@ -271,33 +297,30 @@ def run_globals(run: RunState, phase: Phase) -> None:
         if run.recipe.write.thumbnails and table.num_rows:
             picks += pick_global(name, decisions, table, st.input_columns())
         if table.num_rows:  # later global stages see only what this one kept
-            table = apply_decisions(table, decisions.drop([rows.SHARD]), name)
+            dropped = decisions.filter(pc.is_valid(decisions[rows.REASON]))[rows.KEY].combine_chunks()
+            table = table.filter(pc.invert(pc.is_in(table[rows.KEY].cast(pa.string()),
+                                                    value_set=dropped.cast(pa.string()))))
+            del decisions, dropped
+            pa.default_memory_pool().release_unused()
         st_info["seconds"] = time.perf_counter() - t0
         info[name] = st_info
     if run.recipe.write.thumbnails:
         write_global_picks(f"{gdir}/{GLOBAL_SAMPLES}", picks)
-    layout.write_json(info_path, info)  # last: what resume trusts
+    layout.write_json(f"{gdir}/_info.json", info)  # last: what resume trusts
     run.global_info.update(info)
-    # Arrow's allocator (jemalloc) keeps freed pages for reuse: without this the driver holds the
-    # global phase's peak (~1 KB a row) through every later phase.
-    del table
-    pa.default_memory_pool().release_unused()
-    seconds = time.perf_counter() - t_start
-    run.timings.globals += seconds
-    run.on_progress(GlobalsDone(phase.index, tuple(names), seconds))
+    return names
 
 
 def _decide(st: GlobalStage, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
-    """One global stage's decisions over the rows still kept, with each decided row's shard attached
-    (so each shard reads only its own decisions)."""
-    # only the columns this stage reads: a copy of every column of every row would double the driver's share
-    cols = dict.fromkeys([rows.KEY, rows.SHARD, rows.STATUS, rows.DROPPED_BY, rows.REASON, *st.input_columns()])
-    view = table.select([c for c in cols if c in table.column_names])
-    live = view.filter(pc.equal(view[rows.STATUS], rows.KEPT)) if table.num_rows else view
-    if live.num_rows:
-        decisions, info = st.decide(live)
-    else:
-        decisions, info = pa.table({rows.KEY: pa.array([], pa.string()), rows.REASON: pa.array([], pa.string())}), {}
+    """One global stage's decisions over the rows still kept (``table``), with each decided row's shard
+    attached (so each shard reads only its own decisions)."""
+    # only the columns this stage reads
+    cols = dict.fromkeys([rows.KEY, rows.SHARD, *st.input_columns()])
+    live = table.select([c for c in cols if c in table.column_names])
+    if not live.num_rows:
+        return pa.table({rows.KEY: pa.array([], pa.string()), rows.REASON: pa.array([], pa.string()),
+                         rows.SHARD: pa.array([], pa.int64())}), {}
+    decisions, info = st.decide(live)
     # a hash join in Arrow: a Python dict of every key would cost ~150 B a row on the driver
     pos = pc.index_in(decisions[rows.KEY].cast(pa.string()),
                       value_set=live[rows.KEY].combine_chunks().cast(pa.string()))
