@@ -12,7 +12,8 @@ the same shingles (char 5-grams), ``--threshold`` (0.7) and ``--num-perm`` (128)
 
 - **curate**: :func:`curate.dedup.minhash.near_duplicate_pairs` (the code path of
   ``use: dedup_minhash`` with ``match: caption``) on a local Ray with ``--cpus``
-  CPUs, then connected components. Ray start-up is excluded (paid once per
+  CPUs, then the stage's clusters (in caption order each row joins the first kept
+  row it matches: ``leader_labels``). Ray start-up is excluded (paid once per
   session; a run on 2,000 captions first starts the workers and loads the compiled
   kernels); normalising, shingling, signatures, the bucket shuffle, verification
   and components are included.
@@ -146,8 +147,8 @@ def pair_metrics(truth: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 def run_curate(captions: list[str], threshold: float, num_perm: int,
                verify: bool = True) -> tuple[np.ndarray, float, float]:
-    from curate.dedup.clusters import connected_components
     from curate.dedup.minhash import MinHashParams, warm_kernels
+    from curate.dedup.minhash_kernels import leader_labels
     from curate.dedup.minhash_lsh import near_duplicate_pairs
 
     params = MinHashParams(threshold=threshold, num_perm=num_perm, verify=verify)
@@ -156,7 +157,8 @@ def run_curate(captions: list[str], threshold: float, num_perm: int,
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         left, right = near_duplicate_pairs(captions, params)
-        labels = connected_components(len(captions), left, right)
+        # the stage's clusters: rows in key order (here, caption order), each joins the first kept row it matches
+        labels = leader_labels(len(captions), left, right, np.arange(len(captions)))
         seconds = time.perf_counter() - t0
     return labels, seconds, mem.mib
 

@@ -116,3 +116,44 @@ def _k_normalise_ascii(data, offsets, valid, pad, out, starts, lengths, ascii_ok
             out[pos] = 0
             pos += 1
     return pos
+
+
+@numba.njit(cache=True)
+def _leader_kernel(n, late_rank, early):  # pragma: no cover - compiled
+    """Edges sorted by ``late_rank`` (the rank of their later row); ``early`` the other row's rank.
+    Returns, per rank, the rank of the kept row it joins (itself when it is kept)."""
+    leader = np.arange(n)
+    e = 0
+    m = len(late_rank)
+    for k in range(n):
+        best = -1
+        while e < m and late_rank[e] == k:
+            j = early[e]
+            if leader[j] == j and (best < 0 or j < best):
+                best = j
+            e += 1
+        if best >= 0:
+            leader[k] = best
+    return leader
+
+
+def leader_labels(n: int, left: np.ndarray, right: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Clusters that do not chain: rows in ``order`` (most preferred first); a row joins the first kept
+    row it matches, and is kept when it matches none. Returns each row's label: its kept row's index.
+
+    Connected components would put A, B and C in one cluster when A ~ B and B ~ C although A and C
+    are far apart; on short captions such chains grow to thousands of rows at 10M (pairwise F1 0.40
+    against 0.94 this way). A row is dropped only as a near-duplicate of a row that is kept.
+    """
+    order = np.asarray(order, dtype=np.int64)
+    if n == 0 or len(left) == 0:
+        return np.arange(n, dtype=np.int64)
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n, dtype=np.int64)
+    a, b = rank[np.asarray(left, np.int64)], rank[np.asarray(right, np.int64)]
+    late, early = np.maximum(a, b), np.minimum(a, b)
+    o = np.lexsort((early, late))
+    leader_rank = _leader_kernel(n, late[o], early[o])
+    labels = np.empty(n, dtype=np.int64)
+    labels[order] = order[leader_rank]
+    return labels

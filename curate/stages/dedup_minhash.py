@@ -3,8 +3,10 @@
 Captions that differ by small edits — casing, punctuation, a typo, a word added
 or dropped — are clustered with MinHash LSH (:mod:`curate.dedup.minhash`:
 datasketch 2.x signatures computed in batch, band buckets built by a hash
-shuffle on Ray, every candidate pair verified by its estimated Jaccard), then
-one sample per cluster is kept by the ``keep`` rule (:mod:`curate.dedup.clusters`).
+shuffle on Ray, every candidate pair verified by its estimated Jaccard). Rows are
+then taken in the ``keep`` rule's order (:mod:`curate.dedup.clusters`; by key when
+none): a row that matches a row already kept is dropped as its copy, any other row
+is kept. Clusters do not chain: A ~ B ~ C drops B only, when A and C differ.
 
 Example::
 
@@ -25,8 +27,9 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate import rows
-from curate.dedup.clusters import KEEP_FIELD, connected_components, decide_clusters, keep_columns
+from curate.dedup.clusters import KEEP_FIELD, decide_clusters, keep_columns, preference_order
 from curate.dedup.minhash import MinHashParams
+from curate.dedup.minhash_kernels import leader_labels
 from curate.dedup.minhash_lsh import PairStats, near_duplicate_pairs
 from curate.stages.base import GlobalStage, StageConfig
 from curate.stages.registry import register
@@ -145,7 +148,7 @@ class DedupMinhash(GlobalStage[DedupMinhashConfig]):
             info["image_rejected_pairs"] = int((~ok).sum())
             left, right = left[ok], right[ok]
         info["pairs"] = int(len(left))
-        labels = connected_components(table.num_rows, left, right)
+        labels = leader_labels(table.num_rows, left, right, preference_order(table, c.keep))
         reason = "duplicate:near_caption" if c.match == "caption" else "duplicate:near_pair"
         decisions, cluster_info = decide_clusters(table, labels, reason=reason, keep=c.keep)
         info.update(cluster_info)

@@ -259,3 +259,17 @@ def test_verification_allows_the_estimates_standard_error():
     assert (est >= p.verify_threshold()).mean() > 0.95
     assert (est >= 0.8).mean() < 0.65
     assert mh.MinHashParams(threshold=0.8, verify=False).verify_threshold() == 0.0  # datasketch's semantics
+
+
+def test_leader_clusters_do_not_chain_and_follow_the_keep_order():
+    """A ~ B ~ C ~ D in a chain: connected components would drop three of four rows as copies of A,
+    although A and C share nothing. A row is dropped only as a copy of a row that is kept."""
+    from curate.dedup.minhash_kernels import leader_labels
+
+    left, right = np.array([0, 1, 2]), np.array([1, 2, 3])
+    assert leader_labels(5, left, right, np.arange(5)).tolist() == [0, 0, 2, 2, 4]
+    # preferring the last rows (a keep rule) keeps 3 and 1: 2 joins 3, 0 joins 1
+    assert leader_labels(5, left, right, np.arange(5)[::-1]).tolist() == [1, 1, 3, 3, 4]
+    # a row matching two kept rows joins the preferred one
+    assert leader_labels(3, np.array([0, 1]), np.array([2, 2]), np.array([1, 0, 2])).tolist() == [0, 1, 1]
+    assert leader_labels(0, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)).tolist() == []
