@@ -16,7 +16,7 @@ the same shingles (char 5-grams), ``--threshold`` (0.7) and ``--num-perm`` (128)
   row it matches: ``leader_labels``). Ray start-up is excluded (paid once per
   session; a run on 2,000 captions first starts the workers and loads the compiled
   kernels); normalising, shingling, signatures, the bucket shuffle, verification
-  and components are included.
+  and clustering are included.
 - **rensa** (Rust MinHash, one thread: ``RAYON_NUM_THREADS=1``) used as its README
   shows: ``RMinHashDeduplicator(threshold, num_perm, use_lsh=True).add_pairs`` with
   each caption's shingles, which keeps a caption unless it matches one already kept;
@@ -29,8 +29,9 @@ the same shingles (char 5-grams), ``--threshold`` (0.7) and ``--num-perm`` (128)
 
 Metrics are *pairwise* clustering metrics: a pair of rows is a true pair if the
 rows are in the same planted cluster and a predicted pair if they end in the
-same connected component; precision = |true ∩ predicted| / |predicted|, recall
-= |true ∩ predicted| / |true|, F1 their harmonic mean. Peak memory is the peak
+same predicted cluster (curate's clusters, the others' connected components);
+precision = |true ∩ predicted| / |predicted|, recall = |true ∩ predicted| / |true|,
+F1 their harmonic mean. Peak memory is the peak
 RSS of this process plus its child processes (Ray's workers, raylet and GCS),
 sampled every 0.1 s with psutil, minus the RSS before the method started
 (shared object-store pages are counted once per process that maps them).
@@ -286,7 +287,7 @@ def main() -> None:
               "their captions/s is measured there (EXTRAPOLATED to the full size) and their metrics are "
               "over that subsample")
     print(f"threshold {a.threshold}, {a.num_perm} permutations, char 5-grams; metrics: pairwise (same planted "
-          "cluster vs same connected component); peak MiB: RSS of this process + children (psutil, 0.1 s), "
+          "cluster vs same predicted cluster); peak MiB: RSS of this process + children (psutil, 0.1 s), "
           "above the level before")
     if a.json:
         a.json.write_text(json.dumps({"captions": len(captions), "cpus": a.cpus, "threshold": a.threshold,

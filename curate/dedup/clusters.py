@@ -83,16 +83,17 @@ def preference_order(table: pa.Table, keep: list[str]) -> np.ndarray:
     return pc.sort_indices(table, sort_keys=sort_keys).to_numpy()
 
 
-def decide_clusters(table: pa.Table, labels: np.ndarray, *, reason: str,
-                    keep: list[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+def decide_clusters(table: pa.Table, labels: np.ndarray, *, reason: str, keep: list[str] | None = None,
+                    order: np.ndarray | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """Decisions for a global stage: one kept row per cluster, the rest marked.
 
     Returns (``key``, ``reason``, ``duplicate_of``) for every row, and info with
     the number dropped and the histogram of cluster sizes (clusters of 2+).
+    ``order``: :func:`preference_order` of ``table`` by ``keep``, when the caller already has it.
     """
     n = table.num_rows
     labels = np.asarray(labels, dtype=np.int64)
-    order = preference_order(table, keep or [])
+    order = preference_order(table, keep or []) if order is None else order
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n, dtype=np.int64)
     best = np.full(n, n, dtype=np.int64)

@@ -271,7 +271,7 @@ def _run_globals(run: RunState, phase: Phase, gdir: str) -> list[str]:
         owners += [s["shard"]] * len(marker.parts)
         paths += marker.parts
 
-    def live(t: pa.Table) -> tuple[pa.Array, pa.Table]:
+    def live(t: pa.Table) -> tuple[pa.ChunkedArray, pa.Table]:
         """A part's keys (all rows, for the uniqueness check) and its kept rows' key and input columns:
         rows dropped earlier take no part in a global decision, so the driver never holds them."""
         kept = t.filter(pc.equal(t[rows.STATUS], rows.KEPT))

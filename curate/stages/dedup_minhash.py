@@ -148,9 +148,10 @@ class DedupMinhash(GlobalStage[DedupMinhashConfig]):
             info["image_rejected_pairs"] = int((~ok).sum())
             left, right = left[ok], right[ok]
         info["pairs"] = int(len(left))
-        labels = leader_labels(table.num_rows, left, right, preference_order(table, c.keep))
+        preferred = preference_order(table, c.keep)  # one sort serves the clusters and their kept rows
+        labels = leader_labels(table.num_rows, left, right, preferred)
         reason = "duplicate:near_caption" if c.match == "caption" else "duplicate:near_pair"
-        decisions, cluster_info = decide_clusters(table, labels, reason=reason, keep=c.keep)
+        decisions, cluster_info = decide_clusters(table, labels, reason=reason, keep=c.keep, order=preferred)
         info.update(cluster_info)
         return decisions, info
 
