@@ -31,10 +31,16 @@ Metrics are *pairwise* clustering metrics: a pair of rows is a true pair if the
 rows are in the same planted cluster and a predicted pair if they end in the
 same predicted cluster (curate's clusters, the others' connected components);
 precision = |true ∩ predicted| / |predicted|, recall = |true ∩ predicted| / |true|,
-F1 their harmonic mean. Peak memory is the peak
-RSS of this process plus its child processes (Ray's workers, raylet and GCS),
-sampled every 0.1 s with psutil, minus the RSS before the method started
-(shared object-store pages are counted once per process that maps them).
+F1 their harmonic mean. Memory is sampled every 0.1 s over this process and its
+children (Ray's workers, raylet and GCS), above the level before the method started,
+two ways: *memory* is the physical memory (Σ PSS from ``/proc/*/smaps_rollup``, the
+object store counted once, even where no process maps it any more), *RSS sum* is Σ RSS
+(an object-store page counts once per process that maps it: an upper bound).
+
+``--object-store-mb`` caps Ray's object store (default: Ray's, 30 % of RAM); beyond
+the cap Ray spills objects to disk (``/tmp/ray``) and brings them back when a task
+reads them. curate's map outputs (sketches, band entries) and the verification's
+pieces all live there, so with a cap curate's memory no longer grows with n.
 
 ``--baseline-n M`` runs the two datasketch columns on the first M captions only
 (they hold whole clusters) and *extrapolates* their throughput to ``-n``; the
@@ -147,31 +153,38 @@ def pair_metrics(truth: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def run_curate(captions: list[str], threshold: float, num_perm: int,
-               verify: bool = True) -> tuple[np.ndarray, float, float]:
+               verify: bool = True) -> tuple[np.ndarray, float, tuple[float, float]]:
     from curate.dedup.minhash import MinHashParams, warm_kernels
     from curate.dedup.minhash_kernels import leader_labels
-    from curate.dedup.minhash_lsh import near_duplicate_pairs
+    from curate.dedup.minhash_lsh import PairStats, near_duplicate_pairs
 
     params = MinHashParams(threshold=threshold, num_perm=num_perm, verify=verify)
     warm_kernels()  # a first run compiles into numba's on-disk cache; later runs (and workers) load it
     near_duplicate_pairs(captions[:2000], params)  # starts Ray's workers (part of Ray start-up, excluded)
-    with PeakRSS() as mem:
+    with PeakRSS(memory=True) as mem:
         t0 = time.perf_counter()
-        left, right = near_duplicate_pairs(captions, params)
+        stats = PairStats()
+        left, right = near_duplicate_pairs(captions, params, stats=stats)
         # the stage's clusters: rows in key order (here, caption order), each joins the first kept row it matches
         labels = leader_labels(len(captions), left, right, np.arange(len(captions)))
         seconds = time.perf_counter() - t0
-    return labels, seconds, mem.mib
+    print(f"curate: {stats.candidate_pairs:,} candidate pairs (with repeats), {stats.compared_pairs:,} compared, "
+          f"{stats.verified_pairs:,} verified; signatures and shuffle {stats.shuffle_seconds:.1f} s, "
+          f"verification {stats.verify_seconds:.1f} s", flush=True)
+    growth = ", ".join(f"{k} {v:+.0f}" for k, v in list(mem.growth_by_name().items())[:7])
+    print(f"curate's memory peak above the level before, MiB (private PSS by process name, the object store): "
+          f"{growth}", flush=True)
+    return labels, seconds, (mem.mib, mem.total_mib)
 
 
-def run_rensa(captions: list[str], threshold: float, num_perm: int) -> tuple[np.ndarray, float, float]:
+def run_rensa(captions: list[str], threshold: float, num_perm: int) -> tuple[np.ndarray, float, tuple[float, float]]:
     from rensa import RMinHashDeduplicator
 
     from curate.dedup.clusters import connected_components
     from curate.dedup.minhash import char_shingles
     from curate.text import normalise_caption
 
-    with PeakRSS() as mem:
+    with PeakRSS(memory=True) as mem:
         t0 = time.perf_counter()
         rows = [(i, normalise_caption(c)) for i, c in enumerate(captions)]
         shingles = [(str(i), char_shingles(t, 5)) for i, t in rows if t]
@@ -183,18 +196,18 @@ def run_rensa(captions: list[str], threshold: float, num_perm: int) -> tuple[np.
         right = np.array([min(int(d) for d in dup) for dup in sets if dup], np.int64)
         labels = connected_components(len(captions), left, right)
         seconds = time.perf_counter() - t0
-    return labels, seconds, mem.mib
+    return labels, seconds, (mem.mib, mem.total_mib)
 
 
 def run_datasketch(captions: list[str], threshold: float, num_perm: int,
-                   batch: bool = False) -> tuple[np.ndarray, float, float]:
+                   batch: bool = False) -> tuple[np.ndarray, float, tuple[float, float]]:
     from datasketch import MinHash, MinHashLSH
 
     from curate.dedup.clusters import connected_components
     from curate.dedup.minhash import char_shingles
     from curate.text import normalise_caption
 
-    with PeakRSS() as mem:
+    with PeakRSS(memory=True) as mem:
         t0 = time.perf_counter()
         lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         sketches: dict[int, MinHash] = {}
@@ -218,7 +231,7 @@ def run_datasketch(captions: list[str], threshold: float, num_perm: int,
                     right.append(j)
         labels = connected_components(len(captions), np.array(left, np.int64), np.array(right, np.int64))
         seconds = time.perf_counter() - t0
-    return labels, seconds, mem.mib
+    return labels, seconds, (mem.mib, mem.total_mib)
 
 
 METHODS = ("curate", "rensa", "datasketch", "datasketch_batch")
@@ -236,6 +249,8 @@ def main() -> None:
     p.add_argument("--num-perm", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", nargs="*", default=[], choices=METHODS)
+    p.add_argument("--object-store-mb", type=int, default=None,
+                   help="cap Ray's object store (MiB); objects beyond it spill to disk")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     os.environ["RAYON_NUM_THREADS"] = "1"  # rensa: one thread, before it is first imported
@@ -248,20 +263,21 @@ def main() -> None:
     if "curate" not in a.skip:
         import ray
 
-        ray.init(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False)
+        store = a.object_store_mb * 2**20 if a.object_store_mb else None
+        ray.init(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False, object_store_memory=store)
         labels, secs, mib = run_curate(captions, a.threshold, a.num_perm)
         ray.shutdown()
-        results["curate"] = {"rows": len(captions), "seconds": secs, "peak_mib": mib, **pair_metrics(truth, labels)}
+        results["curate"] = {"rows": len(captions), "seconds": secs, "rss_sum_mib": mib[0], "memory_mib": mib[1], **pair_metrics(truth, labels)}
         print("curate done", flush=True)
     if "rensa" not in a.skip:
         labels, secs, mib = run_rensa(captions, a.threshold, a.num_perm)
-        results["rensa"] = {"rows": len(captions), "seconds": secs, "peak_mib": mib, **pair_metrics(truth, labels)}
+        results["rensa"] = {"rows": len(captions), "seconds": secs, "rss_sum_mib": mib[0], "memory_mib": mib[1], **pair_metrics(truth, labels)}
         print("rensa done", flush=True)
     m = a.captions if a.baseline_n is None else min(a.captions, -(-a.baseline_n // BLOCK) * BLOCK)
     for name, batch in (("datasketch", False), ("datasketch_batch", True)):
         if name not in a.skip:
             labels, secs, mib = run_datasketch(captions[:m], a.threshold, a.num_perm, batch=batch)
-            results[name] = {"rows": m, "seconds": secs, "peak_mib": mib, "extrapolated": m < len(captions),
+            results[name] = {"rows": m, "seconds": secs, "rss_sum_mib": mib[0], "memory_mib": mib[1], "extrapolated": m < len(captions),
                              **pair_metrics(truth[:m], labels)}
             print(f"{name} done", flush=True)
     for r in results.values():
@@ -269,7 +285,7 @@ def main() -> None:
 
     names = [k for k in METHODS if k in results]
     rows = [("rows", lambda r: f"{r['rows']:,}"), ("wall s", lambda r: f"{r['seconds']:.1f}"),
-            ("captions/s", lambda r: f"{r['captions_per_s']:,.0f}"), ("peak MiB", lambda r: f"{r['peak_mib']:.0f}"),
+            ("captions/s", lambda r: f"{r['captions_per_s']:,.0f}"), ("memory MiB", lambda r: f"{r['memory_mib']:.0f}"), ("RSS sum MiB", lambda r: f"{r['rss_sum_mib']:.0f}"),
             ("precision", lambda r: f"{r['precision']:.4f}"), ("recall", lambda r: f"{r['recall']:.4f}"),
             ("F1", lambda r: f"{r['f1']:.4f}")]
     width = 40
@@ -287,10 +303,12 @@ def main() -> None:
               "their captions/s is measured there (EXTRAPOLATED to the full size) and their metrics are "
               "over that subsample")
     print(f"threshold {a.threshold}, {a.num_perm} permutations, char 5-grams; metrics: pairwise (same planted "
-          "cluster vs same predicted cluster); peak MiB: RSS of this process + children (psutil, 0.1 s), "
-          "above the level before")
+          "cluster vs same predicted cluster); memory: peak physical memory (PSS, the object store once) of "
+          "this process + children, RSS sum: peak of their RSS summed (0.1 s samples), both above the level "
+          "before" + (f"; Ray's object store capped at {a.object_store_mb} MiB" if a.object_store_mb else ""))
     if a.json:
         a.json.write_text(json.dumps({"captions": len(captions), "cpus": a.cpus, "threshold": a.threshold,
+                                      "object_store_mb": a.object_store_mb,
                                       "num_perm": a.num_perm, **results}, indent=1))
 
 

@@ -286,13 +286,23 @@ class PeakRSS(TreeMonitor):
         print(mem.mib, mem.cpu_seconds)
 
     The same sampler as :class:`TreeMonitor` (``rss_sum_peak``: shared pages such as the
-    object store's may count once per process that maps them).
+    object store's may count once per process that maps them). With ``memory``, also
+    ``total_mib``: the tree's physical memory (PSS, the object store counted once) above
+    the level before.
     """
 
-    def __init__(self, interval: float = 0.1) -> None:
-        super().__init__(os.getpid(), interval=interval)
+    def __init__(self, interval: float = 0.1, memory: bool = False) -> None:
+        super().__init__(os.getpid(), interval=interval, memory=memory)
         self.sample()
         self.base = self.rss_sum_peak
+        self.base_total = self.total_peak
+        self.base_by_name = dict(self.at_peak)
+
+    def growth_by_name(self) -> dict[str, float]:
+        """MiB each process name (and the object store) held at the peak above what it held before."""
+        names = set(self.at_peak) | set(self.base_by_name)
+        out = {k: (self.at_peak.get(k, 0) - self.base_by_name.get(k, 0)) / MIB for k in names}
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
         self._cpu_base = dict(self._cpu)  # CPU from here on
 
     @property
@@ -310,6 +320,10 @@ class PeakRSS(TreeMonitor):
     @property
     def mib(self) -> float:
         return (self.rss_sum_peak - self.base) / MIB
+
+    @property
+    def total_mib(self) -> float:
+        return (self.total_peak - self.base_total) / MIB
 
 
 # ------------------------------------------------------------------ running a tool

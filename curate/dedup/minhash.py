@@ -21,8 +21,9 @@ per-permutation minimum. Only two things differ from calling
 Bands × rows are chosen for the threshold by datasketch's ``MinHashLSH`` rule
 (:func:`optimal_bands`), weighting misses 9:1 since every candidate is verified
 (:data:`VERIFIED_FN_WEIGHT`). The distributed search over band buckets (map tasks,
-a hash shuffle, reducers that verify) is :mod:`curate.dedup.minhash_lsh`; this module
-is the algorithm, with no Ray in it.
+a hash shuffle of band entries, then the candidates joined with the verification
+sketches) is :mod:`curate.dedup.minhash_lsh`; this module is the algorithm, with no
+Ray in it.
 
 Example::
 

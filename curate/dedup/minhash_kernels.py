@@ -119,10 +119,10 @@ def _k_normalise_ascii(data, offsets, valid, pad, out, starts, lengths, ascii_ok
 
 
 @numba.njit(cache=True)
-def _leader_kernel(n, late_rank, early):  # pragma: no cover - compiled
+def _leader_kernel(leader, late_rank, early):  # pragma: no cover - compiled
     """Edges sorted by ``late_rank`` (the rank of their later row); ``early`` the other row's rank.
-    Returns, per rank, the rank of the kept row it joins (itself when it is kept)."""
-    leader = np.arange(n)
+    ``leader`` (0 .. n-1 on entry) becomes, per rank, the rank of the kept row it joins (itself when kept)."""
+    n = len(leader)
     e = 0
     m = len(late_rank)
     for k in range(n):
@@ -148,12 +148,15 @@ def leader_labels(n: int, left: np.ndarray, right: np.ndarray, order: np.ndarray
     order = np.asarray(order, dtype=np.int64)
     if n == 0 or len(left) == 0:
         return np.arange(n, dtype=np.int64)
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n, dtype=np.int64)
+    small = np.int32 if n < 2**31 else np.int64  # ranks: half the memory up to 2**31 rows
+    rank = np.empty(n, dtype=small)
+    rank[order] = np.arange(n, dtype=small)
     a, b = rank[np.asarray(left, np.int64)], rank[np.asarray(right, np.int64)]
+    del rank
     late, early = np.maximum(a, b), np.minimum(a, b)
     o = np.lexsort((early, late))
-    leader_rank = _leader_kernel(n, late[o], early[o])
+    leader_rank = np.arange(n, dtype=small)
+    _leader_kernel(leader_rank, late[o], early[o])
     labels = np.empty(n, dtype=np.int64)
     labels[order] = order[leader_rank]
     return labels

@@ -1,15 +1,28 @@
 """MinHash LSH on Ray: caption slices → signatures → a hash shuffle of band buckets → verified pairs.
 
 The algorithm (shingles, signatures, bands × rows, bucket pairs) is
-:mod:`curate.dedup.minhash`; this module distributes it. Map tasks normalise
-their slice of captions (in parallel, not on the driver), sign it and partition
-``(bucket, band, row)`` by bucket; reduce tasks sort their partition, emit the
-pairs that share a bucket and verify each by the signatures' agreement. No
-process holds an LSH index or a signature matrix of the whole data set: what a
-map task keeps for verification is its slice's *verification sketch*, the low
-16 bits of each signature value (256 bytes a row at 128 permutations, half the
-signature; two different minima agree there with probability 2**-16, so the
-estimated Jaccard moves by at most ~1.5e-5).
+:mod:`curate.dedup.minhash`; this module distributes it, in four rounds of Ray
+tasks whose data stays in Ray's object store (and spills to disk when the store
+is full):
+
+1. **map**, per slice of captions: normalise (in parallel, not on the driver),
+   sign, keep the slice's *verification sketch* (the low 16 bits of each
+   signature value: 256 bytes a row at 128 permutations; two different minima
+   agree there with probability 2**-16, so the estimated Jaccard moves by at most
+   ~1.5e-5) and partition ``(band, bucket, row)`` entries by bucket;
+2. **reduce**, per partition: sort, emit the candidate pairs that share a
+   bucket, split them by the slice of their left row;
+3. **pull**, per group of left slices: deduplicate the candidates (a pair
+   sharing buckets in several bands comes from several partitions), read each
+   slice's sketch once and attach the left row's sketch to each pair, split by
+   the group of slices of the right row;
+4. **compare**, per group of right slices: read each slice's sketch once and
+   keep the pairs whose sketches agree on at least the threshold.
+
+No process holds an LSH index, a signature matrix or the candidate pairs of the
+whole data set; the driver receives only the verified pairs. With Ray's object
+store capped, memory therefore stays flat as the data set grows: 10M captions
+in the memory of 1M, the rest on disk (``benchmarks/minhash.py``).
 
 Example::
 
@@ -23,7 +36,9 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,20 +58,28 @@ MAX_ROWS_PER_TASK = 50_000
 #: Rows whose band hashes one reducer sorts: (rows × bands) × 3 int64 arrays and their sorted
 #: copies ≈ 50 MB at 9 bands, instead of N/cpus rows each (≈ 1 GB per reducer at a million rows).
 MAX_ROWS_PER_PARTITION = 100_000
-#: Pairs verified per numpy step: (chunk × num_perm) uint32 twice = 64 MB at 128 perms.
+#: Left rows per pull task: its candidates (~1.6 a row on web-like captions, 8 bytes each) and
+#: their sort stay tens of MB; the sketches it attaches go out one slice at a time.
+ROWS_PER_PULL = 2_000_000
+#: Candidate pairs per compare task: their left rows' sketches, 256 B each at 128 perms (~100 MB).
+PAIRS_PER_GROUP = 400_000
+#: Pairs compared per numpy step: (chunk × num_perm) uint16 twice and their comparison, ~40 MB at 128 perms.
 VERIFY_CHUNK_PAIRS = 65_536
 
+
 def verification_sketch(sig: np.ndarray) -> np.ndarray:
-    """The low 16 bits of each signature value: what reducers compare to estimate a pair's Jaccard."""
+    """The low 16 bits of each signature value: what the verification compares to estimate a pair's Jaccard."""
     return sig.astype(np.uint16)
 
 
-def _map_task(captions: pa.Array, first_row: int, params: MinHashParams, partitions: int, normalised: bool):
+def _map_task(captions: pa.Array, first_row: int, params: MinHashParams, partitions: int, normalised: bool,
+              wide: bool = False):
     """Normalise a slice of captions, sign it, and split its band hashes into ``partitions`` by bucket.
 
     Returns the slice's verification sketch (rows × num_perm uint16; a null or empty caption's row
-    is zeros and never read), then one ``(band uint8, bucket uint64, row int64)`` piece per partition.
-    Null and empty captions (after normalisation) get no band entries: they match nobody.
+    is zeros and never read), then one ``(band uint8, bucket uint64, row)`` piece per partition
+    (row int32, or int64 when ``wide``: 2**31 rows or more). Null and empty captions (after
+    normalisation) get no band entries: they match nobody.
     """
     num_perm = params.num_perm
     idx, sig = slice_signatures(captions, params, normalised)
@@ -65,21 +88,42 @@ def _map_task(captions: pa.Array, first_row: int, params: MinHashParams, partiti
     bands, rows_per_band = params.band_rows()
     bucket = band_hashes(sig, bands, rows_per_band).reshape(-1)
     del sig
-    row = np.repeat(idx.astype(np.int64) + first_row, bands)
+    row = np.repeat((idx + first_row).astype(np.int64 if wide else np.int32), bands)
     band = np.tile(np.arange(bands, dtype=np.uint8), len(idx))
     part = (bucket % np.uint64(partitions)).astype(np.int64)
     order = np.argsort(part, kind="stable")
     splits = np.searchsorted(part[order], np.arange(1, partitions))
     pieces = [(band[o], bucket[o], row[o]) for o in np.split(order, splits)]
+    del band, bucket, row, part, order
+    _trim_heap()
     return (sketch, *pieces)
 
 
-def _reduce_task(per_task: int, threshold: float, sketch_refs: list, *pieces):
-    """Pairs sharing a bucket in this partition, kept when their sketches agree enough.
+@dataclass(frozen=True)
+class _Layout:
+    """How rows map to sketch slices and slices to the pull and compare groups."""
 
-    ``sketch_refs`` are the map tasks' sketch slices (``per_task`` rows each, the last shorter);
-    only the slices this partition's pairs touch are fetched, one at a time, from the object
-    store where they already are.
+    n: int
+    per_slice: int
+    slices: int
+    left_groups: int
+    right_groups: int = 1
+
+    def left_group(self, row: np.ndarray) -> np.ndarray:
+        return (row // self.per_slice) * self.left_groups // self.slices
+
+    def right_group(self, row: np.ndarray) -> np.ndarray:
+        return (row // self.per_slice) * self.right_groups // self.slices
+
+    def slices_of_left_group(self, g: int) -> list[int]:
+        return [k for k in range(self.slices) if k * self.left_groups // self.slices == g]
+
+
+def _reduce_task(layout: _Layout, *pieces):
+    """Candidate pairs (left < right) of rows sharing a (band, bucket) in this partition.
+
+    Returns their count per left group, then one array of pair codes (``left * n + right``,
+    int64) per left group.
     """
     band = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, np.uint8)
     bucket = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.uint64)
@@ -87,45 +131,96 @@ def _reduce_task(per_task: int, threshold: float, sketch_refs: list, *pieces):
     del pieces
     left, right = bucket_pairs(band, bucket, row)
     del band, bucket, row
-    agree = sketch_agreement(SliceRows(sketch_refs, per_task), left, right)
+    code = left * layout.n + right
+    group = layout.left_group(left)
+    del left, right
+    order = np.argsort(group, kind="stable")
+    splits = np.searchsorted(group[order], np.arange(1, layout.left_groups))
+    out = [code[o] for o in np.split(order, splits)]
+    del code, group, order
+    _trim_heap()
+    return (np.array([len(c) for c in out], dtype=np.int64), *out)
+
+
+def _pull_task(layout: _Layout, group: int, sketch_refs: list, *codes):
+    """Deduplicated candidates whose left row is in this group, each with its left row's sketch.
+
+    A generator: for each slice of the group in turn, reads the slice's sketch (once) and
+    yields one ``(left, right, left rows' sketch)`` piece per right group, so that Ray stores
+    each piece as it comes and this task never holds more than one slice's pieces.
+    """
+    import ray
+
+    code = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+    del codes
+    left, right = code // layout.n, code % layout.n  # sorted by left
+    del code
+    rgroup = layout.right_group(right)
+    for k in layout.slices_of_left_group(group):
+        lo, hi = np.searchsorted(left, [k * layout.per_slice, (k + 1) * layout.per_slice])
+        if hi > lo:
+            sketch = ray.get(sketch_refs[k])
+            rows = sketch[left[lo:hi] - k * layout.per_slice]
+            del sketch
+        else:
+            rows = np.zeros((0, 0), np.uint16)
+        g = rgroup[lo:hi]
+        order = np.argsort(g, kind="stable")
+        splits = np.searchsorted(g[order], np.arange(1, layout.right_groups))
+        for o in np.split(order, splits):
+            yield left[lo:hi][o], right[lo:hi][o], rows[o]
+    del left, right, rgroup
+    _trim_heap()
+
+
+def _compare_task(layout: _Layout, threshold: float, sketch_refs: list, *pieces):
+    """The pairs of this right group whose left sketch agrees with the right row's on ≥ ``threshold``.
+
+    Reads each right slice's sketch once (only those its pairs need). Returns (left, right) of
+    the verified pairs and how many pairs it compared.
+    """
+    import ray
+
+    pieces = [p for p in pieces if len(p[0])]
+    if not pieces:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+    left = np.concatenate([p[0] for p in pieces])
+    right = np.concatenate([p[1] for p in pieces])
+    left_sketch = np.concatenate([p[2] for p in pieces])
+    del pieces
+    agree = np.empty(len(left), dtype=np.float64)
+    which = right // layout.per_slice
+    order = np.argsort(which, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, which[order][1:] != which[order][:-1], True])
+    for a, b in zip(bounds[:-1], bounds[1:], strict=False):
+        at = order[a:b]
+        k = int(which[at[0]])
+        sketch = ray.get(sketch_refs[k])
+        for i in range(0, len(at), VERIFY_CHUNK_PAIRS):
+            sel = at[i:i + VERIFY_CHUNK_PAIRS]
+            same = left_sketch[sel] == sketch[right[sel] - k * layout.per_slice]
+            agree[sel] = np.count_nonzero(same, axis=1) / same.shape[1]  # no float copy, as .mean() makes
+        del sketch
+    del left_sketch
     ok = agree >= threshold - 1e-12
-    return left[ok], right[ok], len(left)
-
-
-def sketch_agreement(sketch: SliceRows | np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Estimated Jaccard of each pair: the fraction of permutations whose (sketched) minima agree."""
-    rows = np.unique(np.concatenate([left, right]))
-    got = sketch[rows]  # only the rows the pairs name: (distinct rows × num_perm)
-    li, ri = np.searchsorted(rows, left), np.searchsorted(rows, right)
-    out = np.empty(len(left), dtype=np.float64)
-    for i in range(0, len(left), VERIFY_CHUNK_PAIRS):
-        j = slice(i, i + VERIFY_CHUNK_PAIRS)
-        out[j] = (got[li[j]] == got[ri[j]]).mean(axis=1)
+    out = left[ok], right[ok], len(left)
+    del left, right, agree
+    _trim_heap()
     return out
 
 
-class SliceRows:
-    """Rows of a matrix held as equal slices in Ray's object store: ``m[idx]`` fetching only the
-    slices ``idx`` touches, one at a time (each is mapped read-only from shared memory)."""
+def _trim_heap() -> None:
+    """Hand the heap's freed pages back to the OS before a task's worker goes idle.
 
-    def __init__(self, refs: list, per_slice: int) -> None:
-        self.refs = refs
-        self.per_slice = per_slice
-
-    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
-        import ray
-
-        idx = np.asarray(idx, dtype=np.int64)
-        which = idx // self.per_slice
-        out = None
-        for k in np.unique(which):
-            part = ray.get(self.refs[int(k)])
-            if out is None:
-                out = np.empty((len(idx), part.shape[1]), dtype=part.dtype)
-            m = which == k
-            out[m] = part[idx[m] - int(k) * self.per_slice]
-            del part
-        return out if out is not None else np.zeros((0, 0), np.uint16)
+    glibc keeps freed memory for reuse (its mmap threshold rises to 32 MB after large arrays
+    are freed, so later ones come from the heap), as does Arrow's allocator: without this an
+    idle Ray worker keeps its last task's peak for the rest of the run.
+    """
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 @dataclass
@@ -137,6 +232,9 @@ class PairStats:
     #: pairs sharing a bucket, summed over partitions (a pair whose bands collide in buckets of
     #: two partitions counts twice; within a partition each pair counts once)
     candidate_pairs: int = 0
+    compared_pairs: int = 0  # distinct candidate pairs whose sketches were compared
+    shuffle_seconds: float = 0.0  # signatures, band entries and their shuffle, to the candidates
+    verify_seconds: float = 0.0  # the candidates joined with the sketches and compared
     verified_pairs: int = 0  # distinct pairs whose signatures agree on ≥ the verify threshold
 
 
@@ -151,18 +249,10 @@ def near_duplicate_pairs(captions: list[str | None] | pa.Array | pa.ChunkedArray
     """
     import ray
 
-    # The captions go to the object store as Arrow slices (~ the text's bytes per row); the map tasks
-    # normalise them, so the driver builds no Python str per row.
-    if isinstance(captions, pa.ChunkedArray):
-        column = captions.combine_chunks() if captions.num_chunks != 1 else captions.chunk(0)
-    elif isinstance(captions, pa.Array):
-        column = captions
-    else:
-        column = pa.array(captions, pa.string())
     b, r = params.band_rows()
     if stats is not None:
         stats.bands, stats.rows = b, r
-    n = len(column)
+    n = len(captions)
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     if not ray.is_initialized():  # a library call outside a run: a local Ray, as ray.remote would start
@@ -172,21 +262,50 @@ def near_duplicate_pairs(captions: list[str | None] | pa.Array | pa.ChunkedArray
     # enough partitions that one reducer's sort stays small; the pairs do not depend on the count
     partitions = partitions or max(cpus, -(-n // MAX_ROWS_PER_PARTITION))
     per_task = max(1, min(MAX_ROWS_PER_TASK, -(-n // (2 * cpus))))
+    t0 = time.perf_counter()
     map_fn = ray.remote(_map_task).options(num_returns=partitions + 1)
-    outs = [map_fn.remote(pa.concat_arrays([column.slice(s, per_task)]), s, params, partitions, normalised)
+    # The captions go to the object store as Arrow slices (~ the text's bytes per row), one slice at
+    # a time (no copy of the whole column here); the map tasks normalise them, so the driver builds
+    # no Python str per row.
+    outs = [map_fn.remote(_caption_slice(captions, s, per_task), s, params, partitions, normalised, n >= 2**31)
             for s in range(0, n, per_task)]
-    del column
-    reduce_fn = ray.remote(_reduce_task)
-    sketch_refs = [o[0] for o in outs]  # a list of refs inside an argument: passed by reference
-    results = ray.get([reduce_fn.remote(per_task, params.verify_threshold(), sketch_refs,
-                                        *[o[1 + p] for o in outs]) for p in range(partitions)])
-    del outs, sketch_refs
-    left = np.concatenate([res[0] for res in results])
-    right = np.concatenate([res[1] for res in results])
-    if len(left):  # a pair sharing buckets in several bands may come from several partitions
-        code = np.unique(left * n + right)
-        left, right = code // n, code % n
+    sketch_refs = [o[0] for o in outs]
+    layout = _Layout(n, per_task, len(sketch_refs), max(1, min(len(sketch_refs), -(-n // ROWS_PER_PULL))))
+    reduce_fn = ray.remote(_reduce_task).options(num_returns=layout.left_groups + 1)
+    reduced = [reduce_fn.remote(layout, *[o[1 + p] for o in outs]) for p in range(partitions)]
+    del outs  # each partition's band entries are freed once its reducer is done
+    counts = np.sum(ray.get([r[0] for r in reduced]), axis=0)  # candidates per left group (with repeats)
+    candidate_count = int(counts.sum())
+    t1 = time.perf_counter()
+    right_groups = max(1, min(layout.slices, max(cpus, -(-candidate_count // PAIRS_PER_GROUP))))
+    layout = _Layout(n, per_task, layout.slices, layout.left_groups, right_groups)
+    pulled = []
+    for g in range(layout.left_groups):
+        width = len(layout.slices_of_left_group(g)) * right_groups
+        pull_fn = ray.remote(_pull_task).options(num_returns=width)
+        out = pull_fn.remote(layout, g, sketch_refs, *[r[1 + g] for r in reduced])
+        pulled.append([out] if width == 1 else out)
+    del reduced
+    compare_fn = ray.remote(_compare_task)
+    verified = ray.get([compare_fn.remote(layout, params.verify_threshold(), sketch_refs,
+                                          *[piece for refs in pulled for piece in refs[rg::right_groups]])
+                        for rg in range(right_groups)])
+    del pulled, sketch_refs
+    left = np.concatenate([v[0] for v in verified])
+    right = np.concatenate([v[1] for v in verified])
+    order = np.lexsort((right, left))
+    left, right = left[order], right[order]
     if stats is not None:
-        stats.candidate_pairs = int(sum(res[2] for res in results))
+        stats.candidate_pairs = candidate_count
+        stats.compared_pairs = int(sum(v[2] for v in verified))
         stats.verified_pairs = int(len(left))
+        stats.shuffle_seconds, stats.verify_seconds = t1 - t0, time.perf_counter() - t1
     return left, right
+
+
+def _caption_slice(captions: list[str | None] | pa.Array | pa.ChunkedArray, start: int, length: int) -> pa.Array:
+    """Rows ``start .. start + length`` of the captions as one Arrow string array (a copy of just those)."""
+    if isinstance(captions, (pa.Array, pa.ChunkedArray)):
+        part = captions.slice(start, length)
+        return pa.concat_arrays(part.chunks) if isinstance(part, pa.ChunkedArray) else pa.concat_arrays([part])
+    return pa.array(captions[start:start + length], pa.string())

@@ -138,10 +138,11 @@ class DedupMinhash(GlobalStage[DedupMinhashConfig]):
         needed = dict.fromkeys([rows.KEY, rows.CAPTION, *keep_columns(c.keep), *([image_col] if image_col else [])])
         table = table.select([col for col in needed if col in table.column_names]).take(pa.array(order))
         stats = PairStats()
-        left, right = near_duplicate_pairs(table[rows.CAPTION].combine_chunks(), self.params(), stats=stats)
+        left, right = near_duplicate_pairs(table[rows.CAPTION], self.params(), stats=stats)
         info: dict[str, Any] = {"bands": stats.bands, "rows_per_band": stats.rows,
                                 "verify_threshold": round(self.params().verify_threshold(), 4),
-                                "candidate_pairs": stats.candidate_pairs, "caption_pairs": stats.verified_pairs}
+                                "candidate_pairs": stats.candidate_pairs, "compared_pairs": stats.compared_pairs,
+                                "caption_pairs": stats.verified_pairs}
         if image_col is not None:
             ok = _images_match(table[image_col], left, right, image_col, c)
             info["image_similarity"] = "clip" if image_col == CLIP_EMB else "phash"

@@ -203,6 +203,37 @@ def test_pairs_do_not_depend_on_partitions_or_task_sizes(ray_session, monkeypatc
     assert len(ref[0]) >= 20 * 4
 
 
+def test_verification_join_equals_comparing_whole_signatures(ray_session, monkeypatch):
+    """The verification (left sketches pulled per group of slices, compared per group of right slices)
+    keeps exactly the bucket-sharing pairs whose sketches agree on ≥ the threshold, however many groups."""
+    rng = random.Random(5)
+    captions, _ = _planted(rng, clusters=30, noise=300)
+    for _ in range(60):  # pairs near the threshold, so that some candidates fail verification
+        words = _random_caption(rng, 12, 16).split()
+        captions += [" ".join(words), " ".join(w if rng.random() < 0.75 else rng.choice(WORDS) for w in words)]
+    params = mh.MinHashParams(threshold=0.6)
+    texts = [normalise_caption(c) for c in captions]
+    sig = mh.signatures(texts, params)
+    b, r = params.band_rows()
+    bucket = mh.band_hashes(sig, b, r).reshape(-1)
+    left, right = mh.bucket_pairs(np.tile(np.arange(b, dtype=np.uint8), len(texts)), bucket,
+                                  np.repeat(np.arange(len(texts)), b))
+    sketch = lsh.verification_sketch(sig)
+    agree = (sketch[left] == sketch[right]).mean(axis=1)
+    keep = agree >= params.verify_threshold() - 1e-12
+    assert 0 < keep.sum() < len(left)  # some candidates are rejected: the verification is exercised
+    monkeypatch.setattr(lsh, "MAX_ROWS_PER_TASK", 41)  # 8 sketch slices
+    for per_group, per_pull in ((7, 100), (10**6, 10**7)):  # up to a group per slice on each side; one
+        monkeypatch.setattr(lsh, "PAIRS_PER_GROUP", per_group)
+        monkeypatch.setattr(lsh, "ROWS_PER_PULL", per_pull)
+        stats = lsh.PairStats()
+        got = lsh.near_duplicate_pairs(captions, params, stats=stats)
+        np.testing.assert_array_equal(got[0], left[keep])
+        np.testing.assert_array_equal(got[1], right[keep])
+        assert stats.verified_pairs == keep.sum() and stats.compared_pairs == len(left)
+        assert stats.candidate_pairs >= len(left)
+
+
 # ------------------------------------------------------------------ end to end
 
 
