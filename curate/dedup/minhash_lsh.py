@@ -52,17 +52,19 @@ from curate.dedup.minhash import (
     warm_kernels,
 )
 
-#: Rows per map task: large enough that Ray's per-task cost (~ms) is noise, small enough that a
-#: task's Python strs (normalised in the task) and shuffle pieces stay a few tens of MB.
-MAX_ROWS_PER_TASK = 50_000
-#: Rows whose band hashes one reducer sorts: (rows × bands) × 3 int64 arrays and their sorted
-#: copies ≈ 50 MB at 9 bands, instead of N/cpus rows each (≈ 1 GB per reducer at a million rows).
-MAX_ROWS_PER_PARTITION = 100_000
-#: Left rows per pull task: its candidates (~1.6 a row on web-like captions, 8 bytes each) and
-#: their sort stay tens of MB; the sketches it attaches go out one slice at a time.
+#: Rows per map task: large enough that Ray's per-task cost (~ms) is noise and that the shuffle
+#: has few objects (maps × partitions: each one Ray restores separately when the store has spilled),
+#: small enough that a task's signatures and shuffle pieces stay ~150 MB.
+MAX_ROWS_PER_TASK = 100_000
+#: Rows whose band entries one reducer sorts: (rows × bands) entries of 13 bytes and their sorts,
+#: ~200 MB at 20 bands.
+MAX_ROWS_PER_PARTITION = 200_000
+#: Left rows per pull task: its candidates (~3 a row, with repeats, on web-like captions; 8 bytes
+#: each) and their sort stay tens of MB; the sketches it attaches go out one slice at a time.
 ROWS_PER_PULL = 2_000_000
-#: Candidate pairs per compare task: their left rows' sketches, 256 B each at 128 perms (~100 MB).
-PAIRS_PER_GROUP = 400_000
+#: Right rows per compare task: it holds the left sketches of their pairs (~0.4 a row on web-like
+#: captions, 256 B each at 128 perms: ~100 MB).
+ROWS_PER_COMPARE = 1_000_000
 #: Pairs compared per numpy step: (chunk × num_perm) uint16 twice and their comparison, ~40 MB at 128 perms.
 VERIFY_CHUNK_PAIRS = 65_536
 
@@ -277,7 +279,7 @@ def near_duplicate_pairs(captions: list[str | None] | pa.Array | pa.ChunkedArray
     counts = np.sum(ray.get([r[0] for r in reduced]), axis=0)  # candidates per left group (with repeats)
     candidate_count = int(counts.sum())
     t1 = time.perf_counter()
-    right_groups = max(1, min(layout.slices, max(cpus, -(-candidate_count // PAIRS_PER_GROUP))))
+    right_groups = max(1, min(layout.slices, max(cpus, -(-n // ROWS_PER_COMPARE))))
     layout = _Layout(n, per_task, layout.slices, layout.left_groups, right_groups)
     pulled = []
     for g in range(layout.left_groups):

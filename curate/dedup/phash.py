@@ -16,17 +16,24 @@ rows are sorted by band value and, for every flip mask of at most ``r_i`` bits,
 each value is joined to its value XOR the mask (a direct-address table): the
 pairs of rows found are candidates, each verified by its exact 64-bit
 popcount and reported once (in the first band where it is within the radius).
+The join and the verification are one compiled loop (:mod:`curate.dedup.phash_kernels`,
+numba): ~0.7 ns a candidate and ~7.5 ns a value and mask, 6× the numpy formulation
+at 1M hashes.
 
 Why not ``max_distance + 1`` bands of exact agreement: at distance 10 that
 means 11 bands of ~6 bits, buckets of n/64 rows and a fifth of all pairs as
 candidates, which is quadratic. :func:`plan_bands` chooses the number of bands
-and their radii for n by a cost model (flip masks × values + candidate pairs);
-at 1M distinct hashes and distance 10 that is 3 bands of 21-22 bits, radii
-3, 3, 2 (~1.6 k masks per band, ~7 · 10⁻⁴ of all pairs as candidates).
+and their radii for n by a cost model (flip masks × values + candidate pairs):
+at distance 10, 4 bands of 16 bits (radii 2, 2, 2, 1) up to a few million
+hashes, then 3 bands of 21-22 bits, radii 3, 3, 2 (~1.6 k masks per band,
+~7 · 10⁻⁴ of all pairs as candidates).
 
-For uniformly random hashes no exact method is linear at this radius (a ball of
-radius 10 holds 2⁻²⁷ of the 64-bit space; multi-index hashing costs about
-n^1.6); real pHashes collide more, which only adds true pairs. The work runs
+For uniformly random hashes no exact method is linear at this radius: with m
+bands of 64/m bits a query costs the flip masks of its bands plus the rows that
+fall within their radii, and no m makes both constant as n grows (Norouzi et
+al. give about n^(1 + H(10/64)) ≈ n^1.6 for the whole search; the planner's
+model, 3.2 s at 1M, 93 s at 10M and 4,600 s at 100M of CPU, grows as n^1.5-1.7).
+Real pHashes collide more, which only adds true pairs. The work runs
 as Ray tasks (one band and a slice of its flip masks each; the hashes travel
 through the object store), and the result does not depend on the number of
 tasks: it is the exact set of pairs, sorted.
@@ -51,6 +58,8 @@ from itertools import combinations
 
 import numpy as np
 
+from curate.dedup.phash_kernels import k_mask_join
+
 log = logging.getLogger(__name__)
 
 HASH_BITS = 64
@@ -60,14 +69,15 @@ PAIR_BLOCK = 4_000_000
 #: Bands up to this width look values up in a direct-address table (2^width int32, 64 MB at 24);
 #: wider ones (few bands, large radii: not chosen below hundreds of millions of hashes) by binary search.
 TABLE_BITS = 24
-#: Cost model of :func:`plan_bands`, in ~ns on one core (measured with numpy 2.4):
-#: one value joined through one flip mask (xor, table gather, compare: half the values per mask),
-#: one candidate pair expanded and verified, one value sorted per band and task.
-COST_MASK_VALUE = 11.0
-COST_CANDIDATE = 6.0
+#: Cost model of :func:`plan_bands`, in ~ns on one core (the compiled join, measured at 2M hashes):
+#: one distinct band value joined through one flip mask (half the values per mask; a table of
+#: 2^22 buckets is out of cache, so a gather costs a memory access), one candidate pair verified,
+#: one value sorted per band and task.
+COST_MASK_VALUE = 7.5
+COST_CANDIDATE = 0.7
 COST_SORT_VALUE = 200.0
-#: Python's share: per flip mask (a handful of numpy calls) and per band and task.
-COST_MASK_CALL = 30_000.0
+#: Python's share: per flip mask and per band and task.
+COST_MASK_CALL = 100.0
 COST_BAND_CALL = 300_000.0
 #: Hashes below which the search runs in the calling process even when Ray is up (milliseconds).
 RAY_MIN_HASHES = 20_000
@@ -299,21 +309,27 @@ def _band_task(h: np.ndarray, bands: list[Band], bi: int, tops: list[int], equal
         found.groups(starts[multi], counts[multi], starts[multi], counts[multi], same=True)
     if not tops:
         return found.result()
-    if band.width <= TABLE_BITS:  # bucket (start, count) by band value
+    if band.width <= TABLE_BITS:  # bucket (start, count) by band value; the compiled join
         start_of = np.full(1 << band.width, -1, np.int64 if hs.size >= 2**31 else np.int32)
         start_of[values] = starts
         count_of = np.zeros(1 << band.width, start_of.dtype)
         count_of[values] = counts
+        earlier = bands[:bi]
+        shift = np.array([b.shift for b in earlier], np.uint64)
+        width_mask = np.array([(1 << b.width) - 1 for b in earlier], np.uint64)
+        radius = np.array([b.radius for b in earlier], np.int64)
+        for top in tops:
+            masks = np.array(_flip_masks(top, band.radius), np.uint64)
+            left, right, seen = k_mask_join(values, starts, counts, hs, order, top, masks, start_of, count_of,
+                                            max_distance, shift, width_mask, radius)
+            found.add(left, right, seen)
+        return found.result()
 
-        def lookup(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            s = start_of[p]
-            hit = np.flatnonzero(s >= 0)
-            return hit, s[hit], count_of[p[hit]]
-    else:
-        def lookup(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            pos = np.minimum(np.searchsorted(values, p), values.size - 1)
-            hit = np.flatnonzero(values[pos] == p)
-            return hit, starts[pos[hit]], counts[pos[hit]]
+    def lookup(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # wide bands: binary search
+        pos = np.minimum(np.searchsorted(values, p), values.size - 1)
+        hit = np.flatnonzero(values[pos] == p)
+        return hit, starts[pos[hit]], counts[pos[hit]]
+
     for top in tops:
         q = np.flatnonzero(((sv >> np.uint64(top)) & np.uint64(1)) == 0)  # the partner has the bit: larger
         vq, hq = sv[q], hs[q]
@@ -374,6 +390,12 @@ class _Found:
         i, j = self.order[ia[mine]], self.order[ib[mine]]
         self.lefts.append(np.minimum(i, j))
         self.rights.append(np.maximum(i, j))
+
+    def add(self, left: np.ndarray, right: np.ndarray, candidates: int) -> None:
+        """Pairs (row numbers) already verified elsewhere, e.g. by the compiled join."""
+        self.lefts.append(left)
+        self.rights.append(right)
+        self.candidates += candidates
 
     def result(self) -> tuple[np.ndarray, np.ndarray, int]:
         if not self.lefts:

@@ -222,9 +222,9 @@ def test_verification_join_equals_comparing_whole_signatures(ray_session, monkey
     agree = (sketch[left] == sketch[right]).mean(axis=1)
     keep = agree >= params.verify_threshold() - 1e-12
     assert 0 < keep.sum() < len(left)  # some candidates are rejected: the verification is exercised
-    monkeypatch.setattr(lsh, "MAX_ROWS_PER_TASK", 41)  # 8 sketch slices
-    for per_group, per_pull in ((7, 100), (10**6, 10**7)):  # up to a group per slice on each side; one
-        monkeypatch.setattr(lsh, "PAIRS_PER_GROUP", per_group)
+    monkeypatch.setattr(lsh, "MAX_ROWS_PER_TASK", 41)  # 14 sketch slices
+    for per_compare, per_pull in ((50, 100), (10**6, 10**7)):  # ~a group per slice or two; one
+        monkeypatch.setattr(lsh, "ROWS_PER_COMPARE", per_compare)
         monkeypatch.setattr(lsh, "ROWS_PER_PULL", per_pull)
         stats = lsh.PairStats()
         got = lsh.near_duplicate_pairs(captions, params, stats=stats)
