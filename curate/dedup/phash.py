@@ -76,9 +76,9 @@ TABLE_BITS = 24
 COST_MASK_VALUE = 7.5
 COST_CANDIDATE = 0.7
 COST_SORT_VALUE = 200.0
-#: Python's share: per flip mask and per band and task.
-COST_MASK_CALL = 100.0
-COST_BAND_CALL = 300_000.0
+#: Python's share: per flip mask (built in Python) and per band and task (measured at 100 hashes).
+COST_MASK_CALL = 3_000.0
+COST_BAND_CALL = 50_000.0
 #: Hashes below which the search runs in the calling process even when Ray is up (milliseconds).
 RAY_MIN_HASHES = 20_000
 #: Tasks per CPU: enough to even out bands of unequal cost.
