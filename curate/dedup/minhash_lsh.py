@@ -11,7 +11,7 @@ is full):
    agree there with probability 2**-16, so the estimated Jaccard moves by at most
    ~1.5e-5) and partition ``(band, bucket, row)`` entries by bucket;
 2. **reduce**, per partition: sort, emit the candidate pairs that share a
-   bucket, split them by the slice of their left row;
+   bucket, split them by the group of slices of their left row;
 3. **pull**, per group of left slices: deduplicate the candidates (a pair
    sharing buckets in several bands comes from several partitions), read each
    slice's sketch once and attach the left row's sketch to each pair, split by
@@ -21,8 +21,9 @@ is full):
 
 No process holds an LSH index, a signature matrix or the candidate pairs of the
 whole data set; the driver receives only the verified pairs. With Ray's object
-store capped, memory therefore stays flat as the data set grows: 10M captions
-in the memory of 1M, the rest on disk (``benchmarks/minhash.py``).
+store capped, memory therefore stays nearly flat as the data set grows: with a
+512 MiB store, 10M captions peak at 1.23× the memory of 1M, the rest on disk
+(``benchmarks/minhash.py --object-store-mb 512``).
 
 Example::
 
