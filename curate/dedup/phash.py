@@ -239,6 +239,7 @@ def near_value_pairs(values: np.ndarray, max_distance: int, *, use_ray: bool = F
     if use_ray and n >= RAY_MIN_HASHES:
         import ray
 
+        warm_kernel()  # compiled here once, into numba's on-disk cache that the tasks then load
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         work = _assign_work(n, bands, tasks or TASKS_PER_CPU * cpus)
         ref = ray.put(h)
@@ -253,6 +254,16 @@ def near_value_pairs(values: np.ndarray, max_distance: int, *, use_ray: bool = F
     right = np.concatenate([r[1] for r in results])
     order = np.lexsort((right, left))  # a pair is reported by one band only: sorting makes the order fixed
     return left[order], right[order]
+
+
+def warm_kernel() -> None:
+    """Compile (or load from numba's cache) the join on tiny inputs of the types the tasks pass."""
+    h = np.array([0, 1], np.uint64)
+    i64 = np.array([0, 1], np.int64)
+    table = np.array([0, 1], np.int32)
+    none_u, none_i = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    k_mask_join(h, i64, np.ones(2, np.int64), h, i64, 0, np.ones(1, np.uint64), table, np.ones(2, np.int32), 1,
+                none_u, none_u, none_i)
 
 
 def _assign_work(n: int, bands: list[Band], target: int) -> list[tuple[int, list[int], bool]]:
