@@ -66,6 +66,8 @@ ROWS_PER_PULL = 2_000_000
 #: Right rows per compare task: it holds the left sketches of their pairs (~0.4 a row on web-like
 #: captions, 256 B each at 128 perms: ~100 MB).
 ROWS_PER_COMPARE = 1_000_000
+#: Captions one search can take: a candidate pair is coded as ``left * n + right`` in an int64.
+MAX_ROWS = 3_000_000_000
 #: Pairs compared per numpy step: (chunk × num_perm) uint16 twice and their comparison, ~40 MB at 128 perms.
 VERIFY_CHUNK_PAIRS = 65_536
 
@@ -258,6 +260,9 @@ def near_duplicate_pairs(captions: list[str | None] | pa.Array | pa.ChunkedArray
     n = len(captions)
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if n > MAX_ROWS:
+        raise ValueError(f"dedup_minhash takes at most {MAX_ROWS:,} captions in one run, got {n:,}: "
+                         "a candidate pair is coded as left * n + right in an int64")
     if not ray.is_initialized():  # a library call outside a run: a local Ray, as ray.remote would start
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     warm_kernels()  # compiles once into numba's on-disk cache, which the workers then load
