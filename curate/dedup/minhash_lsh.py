@@ -38,6 +38,7 @@ Example::
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -96,12 +97,16 @@ def _map_task(captions: pa.Array, first_row: int, params: MinHashParams, partiti
     row = np.repeat((idx + first_row).astype(np.int64 if wide else np.int32), bands)
     band = np.tile(np.arange(bands, dtype=np.uint8), len(idx))
     part = (bucket % np.uint64(partitions)).astype(np.int64)
-    order = np.argsort(part, kind="stable")
-    splits = np.searchsorted(part[order], np.arange(1, partitions))
-    pieces = [(band[o], bucket[o], row[o]) for o in np.split(order, splits)]
-    del band, bucket, row, part, order
+    pieces = [(band[o], bucket[o], row[o]) for o in _split_by(part, partitions)]
+    del band, bucket, row, part
     _trim_heap()
     return (sketch, *pieces)
+
+
+def _split_by(key: np.ndarray, k: int) -> list[np.ndarray]:
+    """Positions of each key value 0 .. k-1 (k arrays, empty ones included), in their order."""
+    order = np.argsort(key, kind="stable")
+    return np.split(order, np.searchsorted(key[order], np.arange(1, k)))
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,7 @@ class _Layout:
     per_slice: int
     slices: int
     left_groups: int
-    right_groups: int = 1
+    right_groups: int
 
     def left_group(self, row: np.ndarray) -> np.ndarray:
         return (row // self.per_slice) * self.left_groups // self.slices
@@ -127,8 +132,7 @@ class _Layout:
 def _reduce_task(layout: _Layout, *pieces):
     """Candidate pairs (left < right) of rows sharing a (band, bucket) in this partition.
 
-    Returns their count per left group, then one array of pair codes (``left * n + right``,
-    int64) per left group.
+    Returns their count, then one array of pair codes (``left * n + right``, int64) per left group.
     """
     band = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, np.uint8)
     bucket = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.uint64)
@@ -137,14 +141,10 @@ def _reduce_task(layout: _Layout, *pieces):
     left, right = bucket_pairs(band, bucket, row)
     del band, bucket, row
     code = left * layout.n + right
-    group = layout.left_group(left)
-    del left, right
-    order = np.argsort(group, kind="stable")
-    splits = np.searchsorted(group[order], np.arange(1, layout.left_groups))
-    out = [code[o] for o in np.split(order, splits)]
-    del code, group, order
+    out = [code[o] for o in _split_by(layout.left_group(left), layout.left_groups)]
+    del left, right, code
     _trim_heap()
-    return (np.array([len(c) for c in out], dtype=np.int64), *out)
+    return (sum(len(c) for c in out), *out)
 
 
 def _pull_task(layout: _Layout, group: int, sketch_refs: list, *codes):
@@ -169,10 +169,7 @@ def _pull_task(layout: _Layout, group: int, sketch_refs: list, *codes):
             del sketch
         else:
             rows = np.zeros((0, 0), np.uint16)
-        g = rgroup[lo:hi]
-        order = np.argsort(g, kind="stable")
-        splits = np.searchsorted(g[order], np.arange(1, layout.right_groups))
-        for o in np.split(order, splits):
+        for o in _split_by(rgroup[lo:hi], layout.right_groups):
             yield left[lo:hi][o], right[lo:hi][o], rows[o]
     del left, right, rgroup
     _trim_heap()
@@ -222,10 +219,18 @@ def _trim_heap() -> None:
     idle Ray worker keeps its last task's peak for the rest of the run.
     """
     pa.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, loaded once per worker; None where the C library is not glibc."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 @dataclass
@@ -278,26 +283,25 @@ def near_duplicate_pairs(captions: list[str | None] | pa.Array | pa.ChunkedArray
     outs = [map_fn.remote(_caption_slice(captions, s, per_task), s, params, partitions, normalised, n >= 2**31)
             for s in range(0, n, per_task)]
     sketch_refs = [o[0] for o in outs]
-    layout = _Layout(n, per_task, len(sketch_refs), max(1, min(len(sketch_refs), -(-n // ROWS_PER_PULL))))
+    slices = len(sketch_refs)
+    layout = _Layout(n, per_task, slices, left_groups=max(1, min(slices, -(-n // ROWS_PER_PULL))),
+                     right_groups=max(1, min(slices, max(cpus, -(-n // ROWS_PER_COMPARE)))))
     reduce_fn = ray.remote(_reduce_task).options(num_returns=layout.left_groups + 1)
     reduced = [reduce_fn.remote(layout, *[o[1 + p] for o in outs]) for p in range(partitions)]
     del outs  # each partition's band entries are freed once its reducer is done
-    counts = np.sum(ray.get([r[0] for r in reduced]), axis=0)  # candidates per left group (with repeats)
-    candidate_count = int(counts.sum())
+    candidate_count = int(sum(ray.get([r[0] for r in reduced])))  # with repeats across partitions
     t1 = time.perf_counter()
-    right_groups = max(1, min(layout.slices, max(cpus, -(-n // ROWS_PER_COMPARE))))
-    layout = _Layout(n, per_task, layout.slices, layout.left_groups, right_groups)
     pulled = []
     for g in range(layout.left_groups):
-        width = len(layout.slices_of_left_group(g)) * right_groups
+        width = len(layout.slices_of_left_group(g)) * layout.right_groups
         pull_fn = ray.remote(_pull_task).options(num_returns=width)
         out = pull_fn.remote(layout, g, sketch_refs, *[r[1 + g] for r in reduced])
         pulled.append([out] if width == 1 else out)
     del reduced
     compare_fn = ray.remote(_compare_task)
     verified = ray.get([compare_fn.remote(layout, params.verify_threshold(), sketch_refs,
-                                          *[piece for refs in pulled for piece in refs[rg::right_groups]])
-                        for rg in range(right_groups)])
+                                          *[piece for refs in pulled for piece in refs[rg::layout.right_groups]])
+                        for rg in range(layout.right_groups)])
     del pulled, sketch_refs
     left = np.concatenate([v[0] for v in verified])
     right = np.concatenate([v[1] for v in verified])
