@@ -55,6 +55,10 @@ class RuntimeConfig(BaseModel):
         "Rows per read task: a shard whose size is known up front (URL lists; every shard after the first "
         "phase) is read as several units so that every worker takes part whatever samples_per_shard is. "
         "Default: the first stage's batch size."))
+    warm_start: bool = Field(True, description=(
+        "While this process starts a local Ray (2-4 s), it runs the first work units itself when the first "
+        "phase starts with an I/O stage (download) and loads no model: the first images arrive before Ray is "
+        "up. Its part files are committed like any worker's."))
     on_source_error: Literal["continue", "fail"] = Field(
         "continue", description="An input shard that cannot be read mid-run (truncated, corrupt): `continue` "
         "commits every other shard, then fails naming the bad files; `fail` stops at the first one.")

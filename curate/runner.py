@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 
 from curate.engine.events import OnProgress, ignore
 from curate.engine.finalize import Timings, cleanup_work, write_manifest
 from curate.engine.layout import Layout, prepare_output
-from curate.engine.phases import RunState, run_globals, run_phase
+from curate.engine.phases import RunState, begin_warm_start, end_warm_start, run_globals, run_phase
 from curate.engine.plan import make_plan
 from curate.engine.session import process_started, start_ray
 from curate.errors import CurateError, RecipeError, SourceError
@@ -61,8 +62,6 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
         specs = source.plan(layout.work(), recipe.write.samples_per_shard)
         layout.write_json(plan_path, {"shards": specs})
     log.info("planned %d shards in %.1fs", len(specs), time.time() - started)
-    timings.ray_start = start_ray(ray_address=recipe.runtime.ray_address, num_cpus=recipe.runtime.num_cpus,
-                                  debug=debug)
     view = None
     if on_progress is None:
         from curate.progress import ProgressView
@@ -77,6 +76,17 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
                      on_progress=on_progress or view or ignore, timings=timings, process_started=born)
     if layout.exists(layout.source_errors()):  # last run's unreadable shards are read again now
         layout.fs.rm(layout.source_errors(), recursive=True)
+    begin_warm_start(state)  # the driver downloads while Ray starts (engine/warm.py)
+    try:
+        timings.ray_start = start_ray(ray_address=recipe.runtime.ray_address, num_cpus=recipe.runtime.num_cpus,
+                                      debug=debug)
+    except BaseException:
+        end_warm_start(state)
+        raise
+    from curate.stats.report import preload
+
+    # the report's imports while the stages work, not after the last shard
+    threading.Thread(target=preload, name="curate-preload-report", daemon=True).start()
 
     def manifest() -> Manifest:
         timings.total = time.time() - born
@@ -99,6 +109,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
             if phase.globals_after:
                 run_globals(state, phase)
     except Exception as e:
+        end_warm_start(state)
         for sink in sinks:
             sink.on_failed(e)
         cause = user_error(e)  # a CurateError raised on a worker arrives wrapped in Ray's exceptions

@@ -81,6 +81,8 @@ class Timings:
     first_row: float | None = None
     #: process start to the first part file reported back to the driver (a whole batch done)
     first_part: float | None = None
+    #: rows the driver ran itself while Ray started (:mod:`curate.engine.warm`)
+    warm_start_rows: int = 0
     #: wall-clock seconds per phase that ran, in order
     phases: list[float] = field(default_factory=list)
     #: the global stages between phases

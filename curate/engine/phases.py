@@ -35,6 +35,7 @@ from curate.engine.samples import (
     write_global_picks,
 )
 from curate.engine.session import cluster_cpus
+from curate.engine.warm import WarmStart, wanted
 from curate.errors import InputError
 from curate.fsutil import atomic_open
 from curate.recipe import Recipe
@@ -65,6 +66,19 @@ class RunState:
     global_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: when (perf_counter) the last phase's rows were all back: what follows is finalize time
     rows_back_at: float | None = None
+    #: the driver's own work on phase 0 while Ray starts (:mod:`curate.engine.warm`), if any
+    warm: WarmStart | None = None
+
+
+def begin_warm_start(run: RunState) -> None:
+    """Before Ray starts: let a driver thread run phase 0's first work units (:mod:`curate.engine.warm`)."""
+    phase = run.plan.phases[0]
+    if not wanted(run.recipe, phase):
+        return
+    todo = pending(run.layout, phase=phase.index, final=phase.final, specs=run.specs)
+    if todo.to_run:
+        units, _ = work_units(run, phase, todo.to_run)
+        run.warm = WarmStart(run.recipe, run.source, run.layout, phase, units).start()
 
 
 class Finalizer:
@@ -151,6 +165,16 @@ def run_phase(run: RunState, phase: Phase) -> list[dict[str, Any]]:
     return failed
 
 
+def end_warm_start(run: RunState) -> None:
+    """A run that fails stops the driver's warm-start thread and waits for it (its error, if any, is
+    the lesser one)."""
+    warm, run.warm = run.warm, None
+    if warm is not None:
+        warm.stop()
+        with contextlib.suppress(BaseException):
+            warm.join()
+
+
 def work_units(run: RunState, phase: Phase, to_run: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
                                                                                    dict[int, int | None]]:
     """The read tasks of a phase, and each shard's row count where it is known before reading.
@@ -185,7 +209,11 @@ def _stream(run: RunState, phase: Phase, to_run: list[dict[str, Any]], finalizer
     layout = run.layout
     global_names = [stage_name(g) for g in run.plan.phases[phase.index - 1].globals_after] if phase.index else []
     units, expected = work_units(run, phase, to_run)
-    ds = build_dataset(run.recipe, run.source, phase, units, layout, global_names)
+    warm = run.warm if phase.index == 0 else None
+    if warm is not None:  # the units the driver took while Ray started are not Ray Data's
+        claimed = warm.stop()
+        units = [u for u in units if json.dumps(u) not in claimed]
+    ds = build_dataset(run.recipe, run.source, phase, units, layout, global_names) if units else None
     run.on_progress(PhaseStarted(phase.index, len(run.plan.phases), len(to_run),
                                  sum(s.get("rows", 0) for s in to_run) or None,
                                  tuple(stage_name(c) for c in phase.stages)))
@@ -203,7 +231,8 @@ def _stream(run: RunState, phase: Phase, to_run: list[dict[str, Any]], finalizer
         if finalizer is not None:
             finalizer.submit(marker)
 
-    for out in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    def take(out: pa.Table) -> None:
+        """One part report (:data:`curate.engine.parts.PART_REPORT`): count its rows, commit full shards."""
         if run.timings.first_part is None:
             run.timings.first_part = time.time() - run.process_started
             log.info("phase %d: first rows back %.1fs after the process started", phase.index,
@@ -225,6 +254,23 @@ def _stream(run: RunState, phase: Phase, to_run: list[dict[str, Any]], finalizer
                     commit(r["shard"])
                 elif st.rows > st.total:
                     raise RuntimeError(f"shard {r['shard']}: {st.rows} rows written, {st.total} read")
+
+    try:
+        for report in warm.reports() if warm is not None else ():  # what the driver did while Ray started
+            take(report)
+        if ds is not None:
+            for out in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                for report in warm.reports() if warm is not None else ():
+                    take(report)
+                take(out)
+    except BaseException:
+        end_warm_start(run)  # it writes nothing behind the error's back
+        raise
+    if warm is not None:  # its unit under way ends before the phase does (or raises what it raised)
+        run.warm = None
+        for report in warm.join():
+            take(report)
+        run.timings.warm_start_rows = warm.rows
     failed = []
     for shard, st in state.items():
         if shard in committed:
