@@ -80,8 +80,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
     try:
         timings.ray_start = start_ray(ray_address=recipe.runtime.ray_address, num_cpus=recipe.runtime.num_cpus,
                                       debug=debug)
-    except BaseException:
-        end_warm_start(state)
+    except BaseException as e:
+        end_warm_start(state, e)
         raise
     from curate.stats.report import preload
 
@@ -109,7 +109,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
             if phase.globals_after:
                 run_globals(state, phase)
     except Exception as e:
-        end_warm_start(state)
+        end_warm_start(state, e)
         for sink in sinks:
             sink.on_failed(e)
         cause = user_error(e)  # a CurateError raised on a worker arrives wrapped in Ray's exceptions

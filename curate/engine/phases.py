@@ -165,14 +165,15 @@ def run_phase(run: RunState, phase: Phase) -> list[dict[str, Any]]:
     return failed
 
 
-def end_warm_start(run: RunState) -> None:
-    """A run that fails stops the driver's warm-start thread and waits for it (its error, if any, is
-    the lesser one)."""
+def end_warm_start(run: RunState, error: BaseException | None = None) -> None:
+    """A run that fails stops the driver's warm-start thread and waits for its unit under way (its
+    error, if any, is the lesser one); after Ctrl-C it does not wait (a unit can take a timeout)."""
     warm, run.warm = run.warm, None
     if warm is not None:
         warm.stop()
-        with contextlib.suppress(BaseException):
-            warm.join()
+        if not isinstance(error, KeyboardInterrupt):
+            with contextlib.suppress(BaseException):
+                warm.join()
 
 
 def work_units(run: RunState, phase: Phase, to_run: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
@@ -263,8 +264,8 @@ def _stream(run: RunState, phase: Phase, to_run: list[dict[str, Any]], finalizer
                 for report in warm.reports() if warm is not None else ():
                     take(report)
                 take(out)
-    except BaseException:
-        end_warm_start(run)  # it writes nothing behind the error's back
+    except BaseException as e:
+        end_warm_start(run, e)  # it writes nothing behind the error's back
         raise
     if warm is not None:  # its unit under way ends before the phase does (or raises what it raised)
         run.warm = None
