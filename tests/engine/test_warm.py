@@ -8,11 +8,13 @@ the same sample for sample.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -55,11 +57,11 @@ def web():
     httpd.server_close()
 
 
-def _run(tmp: Path, base: str, warm: bool) -> tuple[Path, dict]:
+def _recipe(tmp: Path, base: str, warm: bool, name: str) -> tuple[Path, Path]:
     urls = [f"{base}/{i}.jpg" for i in range(N - 10)] + [f"{base}/missing-{i}.jpg" for i in range(10)]
     pq.write_table(pa.table({"url": urls, "caption": [f"photo number {i}" for i in range(N)]}), tmp / "in.parquet")
-    out = tmp / f"out-{warm}"
-    recipe = write_recipe(tmp / f"r-{warm}.yaml", {
+    out = tmp / f"out-{name}"
+    recipe = write_recipe(tmp / f"r-{name}.yaml", {
         "source": {"path": str(tmp / "in.parquet"), "url_col": "url", "caption_col": "caption"},
         "stages": [{"use": "download", "image_size": 48, "allow_private_networks": True, "retries": 0,
                     "resources": {"batch_size": 100}},
@@ -67,9 +69,19 @@ def _run(tmp: Path, base: str, warm: bool) -> tuple[Path, dict]:
         "write": {"output": str(out), "formats": ["webdataset", "parquet"], "samples_per_shard": 400},
         "runtime": {"num_cpus": 2, "warm_start": warm},
     })
-    proc = subprocess.run([sys.executable, "-m", "curate.cli", "run", str(recipe), "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    return recipe, out
+
+
+def _cli(recipe: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "curate.cli", "run", str(recipe), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _run(tmp: Path, base: str, warm: bool, name: str | None = None) -> tuple[Path, dict]:
+    recipe, out = _recipe(tmp, base, warm, name or str(warm))
+    proc = _cli(recipe)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log.decode()
     return out, json.loads((out / "manifest.json").read_text())
 
 
@@ -87,9 +99,15 @@ def _ledger(out: Path) -> list[tuple]:
                       t["sha256"].to_pylist(), strict=True))
 
 
-def test_warm_start_output_equals_a_cold_run(tmp_path, web):
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory, web):
+    """The reference: the same list downloaded without the warm start."""
+    return _run(tmp_path_factory.mktemp("cold"), web, warm=False)
+
+
+def test_warm_start_output_equals_a_cold_run(tmp_path, web, cold):
     warm_out, warm_manifest = _run(tmp_path, web, warm=True)
-    cold_out, cold_manifest = _run(tmp_path, web, warm=False)
+    cold_out, cold_manifest = cold
     # the driver ran at least the first work unit (it takes one before Ray starts); the cold run none
     assert warm_manifest["timings"]["warm_start_rows"] >= 100
     assert cold_manifest["timings"]["warm_start_rows"] == 0
@@ -101,6 +119,25 @@ def test_warm_start_output_equals_a_cold_run(tmp_path, web):
     samples = _samples(warm_out)
     assert samples == _samples(cold_out) and len(samples) == N - 10
     assert sorted(p.name for p in (warm_out / "webdataset").glob("*.tar")) == ["00000.tar", "00001.tar"]
+
+
+def test_killed_during_the_warm_start_resumes_to_the_same_output(tmp_path, web, cold):
+    """SIGKILL the run (driver and its Ray) once the first part file is written, then run it again."""
+    recipe, out = _recipe(tmp_path, web, True, "killed")
+    proc = _cli(recipe)
+    parts = out / "_work" / "p0" / "parts"
+    deadline = time.time() + 120
+    while not (parts.is_dir() and any(parts.glob("*.parquet"))):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline, "no part file within 120 s"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    resumed_out, manifest = _run(tmp_path, web, True, "killed")
+    assert manifest["complete"] and manifest["counts"] == cold[1]["counts"]
+    assert _ledger(resumed_out) == _ledger(cold[0])
+    assert _samples(resumed_out) == _samples(cold[0])
 
 
 def _cfg(use: str, **kw) -> StageConfig:
