@@ -151,6 +151,20 @@ class ImageResult:
 
 
 @dataclass(frozen=True)
+class Header:
+    """What :meth:`ImageProcessor.inspect` read from an image's header."""
+
+    fmt: str
+    width: int
+    height: int
+    mode: str
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+@dataclass(frozen=True)
 class ResizePlan:
     """What happens to an image of a given size: resize to ``size`` (w, h), then pad or crop."""
 
@@ -193,6 +207,12 @@ class ImageProcessor:
         self.encode_params = [int(_ENCODE_PARAM[opts.encode_format]), int(opts.encode_quality)]
 
     def __call__(self, data: bytes) -> ImageResult:
+        head = self.inspect(data)
+        return head if isinstance(head, ImageResult) else self.finish(data, head)
+
+    def inspect(self, data: bytes) -> Header | ImageResult:
+        """The image's header, or the result already decided from it (a refusal, or the bytes kept
+        as they are): format sniffing and Pillow's header parse only, tens of microseconds."""
         fmt = sniff(data)
         if fmt is None:
             return ImageResult(error="not_an_image")
@@ -221,6 +241,12 @@ class ImageProcessor:
         if o.disable_all_reencoding:
             res.image, res.format, res.width, res.height = data, FORMATS[fmt][1], width, height
             return res
+        return Header(fmt, width, height, mode)
+
+    def finish(self, data: bytes, head: Header) -> ImageResult:
+        """Decode, resize and encode an image whose header :meth:`inspect` accepted."""
+        fmt, width, height, mode, o = head.fmt, head.width, head.height, head.mode, self.opts
+        res = ImageResult(original_width=width, original_height=height)
         plan = plan_resize(width, height, o)
         img, r = self._decode(data, fmt, mode, width, height, plan)
         if img is None:

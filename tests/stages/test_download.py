@@ -137,6 +137,34 @@ def test_concurrent_batches_share_one_worker(server):
     assert elapsed < 2 * FAST["timeout"]
 
 
+def test_small_images_in_the_loop_large_ones_in_threads_same_output(server, monkeypatch):
+    """Images up to INLINE_MAX_PIXELS are finished in the event loop's thread, larger ones in the
+    decode threads; either way the output is exactly what the image processor makes of the bytes."""
+    import threading
+
+    from curate.net.image import ImageOptions, ImageProcessor
+    from curate.stages import download as mod
+
+    bodies = [jpeg((300, 200), (10, 20, 30)), jpeg((2000, 1500), (200, 120, 20)), png((640, 480)),
+              jpeg((1700, 1300), (90, 90, 200))]  # 0.06, 3.0, 0.3 and 2.2 megapixels
+    urls = [server.add(f"inline-{i}.bin", b) for i, b in enumerate(bodies)]
+    threads: dict[int, str] = {}
+    finish = mod.Download._finish
+
+    def spy(self, fetched, expected, head):
+        out = finish(self, fetched, expected, head)
+        threads[out.original_width] = threading.current_thread().name
+        return out
+
+    monkeypatch.setattr(mod.Download, "_finish", spy)
+    out = _run_stage(_batch(urls))
+    assert out[rows.REASON].to_pylist() == [None] * 4
+    ref = ImageProcessor(ImageOptions())  # the stage's defaults: 256 border, area, jpg 95
+    assert out[rows.IMAGE].to_pylist() == [ref(b).image for b in bodies]
+    assert threads[300].startswith("curate-download") and threads[640].startswith("curate-download")
+    assert threads[2000].startswith("curate-decode") and threads[1700].startswith("curate-decode")
+
+
 def test_guard_is_on_by_default(server):
     out = _run_stage(_batch([server.url("/static/good.jpg"), "http://169.254.169.254/latest/meta-data/"]),
                      allow_private_networks=False)
