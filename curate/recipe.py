@@ -56,7 +56,7 @@ class RuntimeConfig(BaseModel):
         "phase) is read as several units so that every worker takes part whatever samples_per_shard is. "
         "Default: the first stage's batch size."))
     warm_start: bool = Field(True, description=(
-        "While this process starts a local Ray (2-4 s), it runs the first work units itself when the first "
+        "While this process starts a local Ray (3-8 s), it runs the first work units itself when the first "
         "phase starts with an I/O stage (download) and loads no model: the first images arrive before Ray is "
         "up. Its part files are committed like any worker's."))
     on_source_error: Literal["continue", "fail"] = Field(

@@ -27,6 +27,17 @@ from curate.recipe import Recipe
 from curate.sources.base import Source
 
 
+def read_options(recipe: Recipe, source: Source, phase: Phase, layout: Layout, global_names: list[str]
+                 ) -> dict[str, Any]:
+    """:func:`~curate.engine.parts.read_shards`' arguments for ``phase`` (a Ray read task's, or the
+    warm start's in the driver)."""
+    return {"source": source if phase.index == 0 else None,
+            "decisions_dir": layout.decisions_dir(phase.index - 1) if phase.index > 0 else None,
+            "global_names": global_names, "batch_rows": recipe.runtime.read_batch_rows,
+            "errors_dir": layout.source_errors(), "on_source_error": recipe.runtime.on_source_error,
+            "thumbnails": recipe.write.thumbnails}
+
+
 def build_dataset(recipe: Recipe, source: Source, phase: Phase, units: list[dict[str, Any]], layout: Layout,
                   global_names: list[str]):
     """The streaming dataset that runs ``phase`` over ``units`` and yields part reports."""
@@ -39,14 +50,8 @@ def build_dataset(recipe: Recipe, source: Source, phase: Phase, units: list[dict
     io_tasks = TaskPoolStrategy(size=cluster_cpus())
     items = [json.dumps(u) for u in units]
     ds = ray.data.from_items([{"spec": s} for s in items], override_num_blocks=len(items))
-    ds = ds.map_batches(
-        read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0, compute=io_tasks,
-        fn_kwargs={"source": source if phase.index == 0 else None,
-                   "decisions_dir": layout.decisions_dir(phase.index - 1) if phase.index > 0 else None,
-                   "global_names": global_names, "batch_rows": recipe.runtime.read_batch_rows,
-                   "errors_dir": layout.source_errors(), "on_source_error": recipe.runtime.on_source_error,
-                   "thumbnails": recipe.write.thumbnails},
-    )
+    ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0, compute=io_tasks,
+                        fn_kwargs=read_options(recipe, source, phase, layout, global_names))
     fitted = fit_resources(phase.stages, cluster)
     parts_dir = layout.parts_dir(phase.index)
     own_parts = bool(fitted) and writes_own_parts(fitted[-1])

@@ -45,6 +45,12 @@ def process_started() -> float:
         return time.time()
 
 
+def joins_cluster(ray_address: str | None) -> bool:
+    """Whether :func:`start_ray` joins a cluster (``--ray-address`` or ``RAY_ADDRESS``) rather than
+    starting a local Ray of this process's own."""
+    return bool(ray_address or os.environ.get("RAY_ADDRESS"))
+
+
 def start_ray(*, ray_address: str | None, num_cpus: float | None, debug: bool = False) -> float:
     """Start (or join) Ray unless this process already has it; returns the seconds it took."""
     import ray
@@ -64,7 +70,7 @@ def start_ray(*, ray_address: str | None, num_cpus: float | None, debug: bool = 
         kwargs["runtime_env"] = {"py_modules": [os.path.dirname(curate.__file__)]}
     else:
         kwargs["num_cpus"] = num_cpus
-    local = not ray_address and not os.environ.get("RAY_ADDRESS")  # else ray.init joins a cluster
+    local = not joins_cluster(ray_address)
     if local:  # a cluster refuses _system_config from a joining driver
         cpus = num_cpus or os.cpu_count() or 1
         kwargs["_system_config"] = {"num_workers_soft_limit": int(math.ceil(cpus)) * IDLE_WORKERS_PER_CPU}

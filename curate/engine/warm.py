@@ -1,6 +1,6 @@
 """Warm start: the driver runs the first work units of the first phase while Ray starts.
 
-Starting a local Ray takes 2.5-3.5 s on a small machine (GCS, raylet, agents, Ray Data's
+Starting a local Ray takes 3-8 s on a small machine (GCS, raylet, agents, Ray Data's
 helper actors) and the first download actor another second or two to boot and import;
 meanwhile the ``curate`` process only waits for Ray's processes. So when this process is
 about to start its own Ray and the first phase is light (it starts with an I/O stage such
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import sys
 import threading
@@ -28,9 +27,11 @@ from typing import Any
 import pyarrow as pa
 
 from curate.engine.adapters import context_for, run_stage
+from curate.engine.dataset import read_options
 from curate.engine.layout import Layout
 from curate.engine.parts import read_shards, write_parts
 from curate.engine.plan import Phase, stage_name
+from curate.engine.session import joins_cluster
 from curate.recipe import Recipe
 from curate.sources.base import Source
 from curate.stages.base import Stage
@@ -53,7 +54,7 @@ def light(phase: Phase) -> bool:
 
 def wanted(recipe: Recipe, phase: Phase) -> bool:
     """A warm start helps only while this process starts a local Ray of its own."""
-    if not recipe.runtime.warm_start or recipe.runtime.ray_address or os.environ.get("RAY_ADDRESS"):
+    if not recipe.runtime.warm_start or joins_cluster(recipe.runtime.ray_address):
         return False
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
@@ -123,7 +124,7 @@ class WarmStart:
             return spec
 
     def _work(self) -> None:
-        phase, layout, runtime, thumbnails = self.phase, self.layout, self.recipe.runtime, self.recipe.write.thumbnails
+        phase, layout, thumbnails = self.phase, self.layout, self.recipe.write.thumbnails
         stages: list[Stage] = []
         t0 = time.perf_counter()
         try:
@@ -133,11 +134,9 @@ class WarmStart:
                 stage.setup(context_for(cfg, layout.stage_dir(stage_name(cfg))))
                 stages.append(stage)
             parts_dir = layout.parts_dir(phase.index)
+            read = read_options(self.recipe, self.source, phase, layout, global_names=[])
             while spec is not None:
-                items = pa.table({"spec": [spec]})
-                for batch in read_shards(items, source=self.source, decisions_dir=None, global_names=[],
-                                         batch_rows=runtime.read_batch_rows, errors_dir=layout.source_errors(),
-                                         on_source_error=runtime.on_source_error, thumbnails=thumbnails):
+                for batch in read_shards(pa.table({"spec": [spec]}), **read):
                     for stage in stages:
                         batch = run_stage(stage, batch, thumbnails)
                     self.rows += batch.num_rows
