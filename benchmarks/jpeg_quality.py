@@ -28,6 +28,11 @@ on one thread (``cv2.setNumThreads(1)``, as the download stage runs it), the min
 
     python benchmarks/jpeg_quality.py            # full table (a few minutes on 2 cores)
     python benchmarks/jpeg_quality.py --quick    # fewer sizes/photos
+    python benchmarks/jpeg_quality.py --only area   # the fast area table alone (shrinks by 1.3-2x)
+
+The second table checks the other cheaper path, the fast area shrink (``FAST_AREA_MIN``): a shrink
+by 1.6-2x done as a 2x linear upscale and an exact 2:1 ``INTER_AREA`` (OpenCV's vectorised
+integer-ratio path) instead of OpenCV's fractional ``INTER_AREA`` (scalar code), on full decodes.
 """
 
 from __future__ import annotations
@@ -152,7 +157,8 @@ def run_forced(data: bytes, opts: ImageOptions, r: int, repeats: int) -> tuple[n
     I._jpeg_reduction = lambda w, h, t: r
     cv2.imencode = imencode
     try:
-        proc = ImageProcessor(opts if r > 1 else ImageOptions(**{**opts.__dict__, "jpeg_draft": False}))
+        proc = ImageProcessor(ImageOptions(**{**opts.__dict__, "fast_area": False}) if r > 1
+                              else ImageOptions(**{**opts.__dict__, "jpeg_draft": False, "fast_area": False}))
         best = math.inf
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -188,10 +194,14 @@ def main() -> None:
     ap.add_argument("--photos", nargs="*", help="only these photos")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="sizes 768 1600 4000, qualities 75 95")
+    ap.add_argument("--only", choices=("draft", "area"), help="one table: the JPEG draft's or the fast area's")
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.qualities = [768, 1600, 4000], [75, 95]
     cv2.setNumThreads(1)
+    if args.only == "area":
+        fast_area_table(args)
+        return
 
     # one row per (case, r): kind, name, L, w, h, q, target, r, psnr, ssim, ms, ms_full
     rows = []
@@ -268,6 +278,81 @@ def main() -> None:
         print(f"| {gap:g} | {len(cases)} | {drafted} | {worst:.1f} dB ({worst_case}) | {below} | {worst_out:.1f} | "
               f"{ssim_min:.4f} | "
               f"{t_d:.0f} / {t_f:.0f} | {t_f / t_d:.2f}x |")
+
+
+    if args.only != "draft":
+        fast_area_table(args)
+
+
+#: Shrink factors of the fast-area table: two below FAST_AREA_MIN (for contrast), the rest in the range.
+AREA_FACTORS = (1.3, 1.5, 1.6, 1.65, 1.7, 1.8, 1.9, 1.99)
+
+
+def fast_area_table(args: argparse.Namespace) -> None:
+    """The fast area path (a 2x linear upscale + an exact 2:1 INTER_AREA, for shrinks by
+    FAST_AREA_MIN-2x) against OpenCV's fractional INTER_AREA, img2dataset's path: sources a factor
+    above each target (native detail: each photo INTER_AREA-shrunk from its own size, and a mosaic of
+    native tiles), JPEG at each quality, full decode, the two paths forced; PSNR of the resized pixels
+    and of the final q95 JPEGs, SSIM, and the whole ImageProcessor call's ms (best of --repeats)."""
+    ph = photos()
+    if args.photos:
+        ph = {k: v for k, v in ph.items() if k in args.photos}
+    color = [v for k, v in ph.items() if v.ndim == 3 and k != "hubble"]
+    print(f"\n# fast area (FAST_AREA_MIN {I.FAST_AREA_MIN:g}) vs exact INTER_AREA, full decodes; "
+          f"targets {args.targets}, JPEG q{args.qualities}, output JPEG q95")
+    print("| factor | used | n | PSNR resized min (case) | PSNR final min | SSIM final min | ms fast / exact | speedup |")
+    print("| ---: | --- | ---: | --- | ---: | ---: | --- | ---: |")
+    for factor in AREA_FACTORS:
+        worst, case, worst_out, ssim_min, t_fast, t_exact, n = math.inf, "-", math.inf, 1.0, 0.0, 0.0, 0
+        for target in args.targets:
+            L = round(target * factor)
+            srcs = [(name, resize_long(img, L)) for name, img in ph.items() if max(img.shape[:2]) >= L]
+            srcs.append(("mosaic", mosaic([resize_long(t, min(L, max(t.shape[:2]))) for t in color], L, 0)))
+            for name, img in srcs:
+                for q in args.qualities:
+                    data = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, q])[1].tobytes()
+                    opts = ImageOptions(image_size=target, resize_mode=args.mode, jpeg_draft=False)
+                    h, w = img.shape[:2]
+                    plan = plan_resize(w, h, opts)
+                    (fpx, fout, fms), (epx, eout, ems) = (
+                        _forced_area(data, opts, fast, args.repeats) for fast in (True, False))
+                    fpx, fout, epx, eout = (content(x, plan, opts) for x in (fpx, fout, epx, eout))
+                    p = psnr(fpx, epx)
+                    n += 1
+                    t_fast += fms
+                    t_exact += ems
+                    worst_out = min(worst_out, psnr(fout, eout))
+                    ssim_min = min(ssim_min, ssim(fout, eout))
+                    if p < worst:
+                        worst, case = p, f"{name} {w}x{h} q{q} -> {target}"
+        used = "yes" if I.FAST_AREA_MIN <= factor < 2 else "no (exact)"
+        print(f"| {factor:g} | {used} | {n} | {worst:.1f} dB ({case}) | {worst_out:.1f} | {ssim_min:.4f} | "
+              f"{t_fast:.0f} / {t_exact:.0f} | {t_exact / t_fast:.2f}x |")
+    print("(rows below FAST_AREA_MIN force the fast path to show why it stops there)")
+
+
+def _forced_area(data: bytes, opts: ImageOptions, fast: bool, repeats: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Like :func:`run_forced` for the shrink: the fast area path forced on (whatever the factor) or off."""
+    saved, saved_enc = I.FAST_AREA_MIN, cv2.imencode
+    seen = []
+
+    def imencode(ext, img, params=()):
+        seen.append(img)
+        return saved_enc(ext, img, params)
+
+    I.FAST_AREA_MIN = 1.0
+    cv2.imencode = imencode
+    try:
+        proc = ImageProcessor(ImageOptions(**{**opts.__dict__, "fast_area": fast}))
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            res = proc(data)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        I.FAST_AREA_MIN, cv2.imencode = saved, saved_enc
+    assert res.error is None, res.error
+    return seen[-1], cv2.imdecode(np.frombuffer(res.image, np.uint8), cv2.IMREAD_UNCHANGED), best * 1000
 
 
 if __name__ == "__main__":

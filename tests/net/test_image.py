@@ -198,11 +198,55 @@ def test_jpeg_draft_keeps_the_quality_floor_on_real_photos(r, target, quality):
         return decode(res.image)[top:top + th]
 
     draft_px = picture(process(data, image_size=target, encode_format="png", encode_quality=1))
-    full_px = picture(process(data, image_size=target, encode_format="png", encode_quality=1, jpeg_draft=False))
+    full_px = picture(process(data, image_size=target, encode_format="png", encode_quality=1, jpeg_draft=False,
+                              fast_area=False))
     assert draft_px.shape == (th, tw, 3)
     assert _psnr(draft_px, full_px) >= 40.0
-    draft_out, full_out = picture(ImageProcessor(opts)(data)), picture(process(data, image_size=target, jpeg_draft=False))
+    draft_out = picture(ImageProcessor(opts)(data))
+    full_out = picture(process(data, image_size=target, jpeg_draft=False, fast_area=False))
     assert _psnr(draft_out, full_px) >= _psnr(full_out, full_px) - 1.0
+
+
+# The fast area path's floor on real photos (native detail: the hardest case): a shrink by 1.6-2x
+# done as a 2x linear upscale + an exact 2:1 INTER_AREA, against OpenCV's fractional INTER_AREA
+# (img2dataset's path). At the smallest factor it takes (the worst case) and near 2, odd sizes,
+# three targets: resized pixels and final q95 JPEGs both within 40 dB PSNR of the exact path's.
+@pytest.mark.parametrize("target,quality,above", [(256, 75, 0.01), (384, 90, 0.01), (512, 95, 0.01), (256, 95, 0.33)])
+def test_fast_area_keeps_the_quality_floor_on_real_photos(target, quality, above):
+    from curate.net import image as image_mod
+
+    factor = image_mod.FAST_AREA_MIN + above
+    assert factor < 2
+    width = int(np.ceil(target * factor)) | 1
+    height = int(np.ceil(width * 0.75)) | 1
+    data = cv2.imencode(".jpg", _real_photo_mosaic(width, height), [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+    opts = ImageOptions(image_size=target)  # the download recipe's defaults: border, area, jpg 95
+    assert opts.fast_area and opts.downscale_interpolation == "area"
+    tw, th = plan_resize(width, height, opts).size
+    assert image_mod._jpeg_reduction(width, height, (tw, th)) == 1  # a full decode: no draft involved
+    top = (target - th) // 2
+
+    def picture(**kw):
+        res = process(data, image_size=target, **kw)
+        assert res.error is None and (res.width, res.height) == (target, target)
+        return decode(res.image)[top:top + th]
+
+    fast_px, exact_px = (picture(encode_format="png", encode_quality=1, fast_area=f) for f in (True, False))
+    assert not np.array_equal(fast_px, exact_px)  # the fast path was taken
+    assert _psnr(fast_px, exact_px) >= 40.0
+    assert _psnr(picture(), picture(fast_area=False)) >= 40.0
+
+
+@pytest.mark.parametrize("factor", [1.3, 1.55, 2.0, 2.4])
+def test_fast_area_only_between_its_bounds(factor):
+    """Outside [FAST_AREA_MIN, 2) the shrink is OpenCV's INTER_AREA itself, pixel for pixel."""
+    width = int(round(256 * factor))
+    img = _real_photo_mosaic(width, width)
+    data = cv2.imencode(".png", img)[1].tobytes()
+    fast, exact = (decode(process(data, image_size=256, encode_format="png", encode_quality=1,
+                                         fast_area=f).image) for f in (True, False))
+    assert np.array_equal(fast, exact)
+    assert np.array_equal(exact, cv2.resize(img, (256, 256), interpolation=cv2.INTER_AREA))
 
 
 def test_jpeg_draft_resizes_on_the_full_decodes_grid():
