@@ -47,3 +47,41 @@ def test_map_workers_do_not_poll_their_memory(ray_session):
         assert _pollers_seen() == (0, 0)
     finally:
         ctx.memory_usage_poll_interval_s = before
+
+
+_LIST_RAY_PROCESSES = """
+import json, sys
+import psutil
+from curate.engine.session import start_ray
+start_ray(ray_address=None, num_cpus=1)
+me = psutil.Process()
+print(json.dumps([" ".join(p.cmdline()) for p in me.children(recursive=True)]))
+"""
+
+
+def _ray_processes(**env) -> str:
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="crt", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    try:
+        out = subprocess.run([sys.executable, "-c", _LIST_RAY_PROCESSES], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "RAY_TMPDIR": ray_tmp, **env})
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return " ".join(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_a_local_run_starts_ray_without_its_monitors():
+    """A run's own single-node Ray has no autoscaler monitor and no log monitor (2 s of CPU at start
+    and 1-2 % of a core after, for a cluster that never scales and worker logs a run never shows);
+    with CURATE_RAY_LOGS=1, which shows worker logs, the log monitor runs as usual."""
+    lean = _ray_processes()
+    assert "gcs_server" in lean and "raylet" in lean  # Ray itself is up
+    assert "log_monitor.py" not in lean and "autoscaler/_private/monitor.py" not in lean
+    assert "log_monitor.py" in _ray_processes(CURATE_RAY_LOGS="1")
