@@ -37,6 +37,9 @@ LOG_SCALE_SPREAD = 50
 #: Up to this many distinct cluster sizes get a tick each.
 MAX_SIZE_TICKS = 20
 ALL_COLOR, KEPT_COLOR, DROP_COLOR = "#9aa5b1", "#2f7ed8", "#d9534f"
+#: A histogram's axes in its 640×300 px figure: room for 7-digit counts on the left, the column's
+#: name below and the legend (two entries in a row) above.
+HISTOGRAM_MARGINS = {"left": 0.12, "right": 0.98, "bottom": 0.16, "top": 0.86}
 #: Galleries drawn per stage (its largest reasons); the others are named under them.
 MAX_GALLERY_REASONS = 12
 
@@ -59,11 +62,16 @@ def preload() -> None:
     import matplotlib.figure  # noqa: F401
 
 
-def _figure(width_scale: float = 1.0, height_scale: float = 1.0):
+def _figure(width_scale: float = 1.0, height_scale: float = 1.0, *, fixed: bool = False):
+    """A figure; ``fixed``: fixed margins for axes whose labels are numbers (the constrained layout
+    measures every label and costs about half of drawing a histogram, which a report has five of)."""
     from matplotlib.figure import Figure  # the OO API: no pyplot global state, no GUI backend
 
-    return Figure(figsize=(FIG_SIZE[0] * width_scale, FIG_SIZE[1] * height_scale), dpi=FIG_DPI,
-                  layout="constrained")
+    fig = Figure(figsize=(FIG_SIZE[0] * width_scale, FIG_SIZE[1] * height_scale), dpi=FIG_DPI,
+                 layout=None if fixed else "constrained")
+    if fixed:
+        fig.subplots_adjust(**HISTOGRAM_MARGINS)
+    return fig
 
 
 def _png(fig) -> str:
@@ -107,7 +115,7 @@ def reasons_plot(stats: Stats) -> Plot | None:
 def histogram_plot(dist: Distribution, title: str, plot_id: str) -> Plot:
     """All rows with a value (grey) behind kept rows (blue), on the same bins: the before/after view."""
     h = dist.histogram
-    fig = _figure()
+    fig = _figure(fixed=True)
     ax = fig.add_subplot()
     widths = [b - a for a, b in zip(h.edges[:-1], h.edges[1:], strict=True)]
     ax.bar(h.edges[:-1], h.all, width=widths, align="edge", color=ALL_COLOR, label=f"all ({dist.all.count:,})")
@@ -115,7 +123,9 @@ def histogram_plot(dist: Distribution, title: str, plot_id: str) -> Plot:
            label=f"kept ({dist.kept.count:,})")
     ax.set_xlabel(dist.column)
     ax.set_ylabel("rows")
-    ax.legend(fontsize=8)
+    # above the axes: never over the bars, and no search for the emptiest corner (loc="best" tries
+    # every bar against every candidate place)
+    ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2, frameon=False)
     return Plot(plot_id, title, _png(fig), f"histogram of {dist.column}: all rows and kept rows")
 
 
