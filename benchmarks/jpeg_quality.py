@@ -147,25 +147,36 @@ def content(img: np.ndarray, plan, opts: ImageOptions) -> np.ndarray:
 def run_forced(data: bytes, opts: ImageOptions, r: int, repeats: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Curate's path with the JPEG reduction forced to r: the pixels handed to the final encode,
     the final image (its JPEG decoded) and the best-of-``repeats`` ms of the whole call."""
-    saved, saved_enc = I._jpeg_reduction, cv2.imencode
+    saved = I._jpeg_reduction
+    I._jpeg_reduction = lambda w, h, t: r
+    try:
+        return timed_call(ImageOptions(**{**opts.__dict__, "fast_area": False}) if r > 1
+                          else ImageOptions(**{**opts.__dict__, "jpeg_draft": False, "fast_area": False}),
+                          data, repeats)
+    finally:
+        I._jpeg_reduction = saved
+
+
+def timed_call(opts: ImageOptions, data: bytes, repeats: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """One ``ImageProcessor`` call: the pixels it hands the final encode, the final image (its JPEG
+    decoded) and the best-of-``repeats`` ms of the whole call."""
+    saved_enc = cv2.imencode
     seen = []
 
     def imencode(ext, img, params=()):  # records what ImageProcessor encodes
         seen.append(img)
         return saved_enc(ext, img, params)
 
-    I._jpeg_reduction = lambda w, h, t: r
     cv2.imencode = imencode
     try:
-        proc = ImageProcessor(ImageOptions(**{**opts.__dict__, "fast_area": False}) if r > 1
-                              else ImageOptions(**{**opts.__dict__, "jpeg_draft": False, "fast_area": False}))
+        proc = ImageProcessor(opts)
         best = math.inf
         for _ in range(repeats):
             t0 = time.perf_counter()
             res = proc(data)
             best = min(best, time.perf_counter() - t0)
     finally:
-        I._jpeg_reduction, cv2.imencode = saved, saved_enc
+        cv2.imencode = saved_enc
     assert res.error is None, res.error
     return seen[-1], cv2.imdecode(np.frombuffer(res.image, np.uint8), cv2.IMREAD_UNCHANGED), best * 1000
 
@@ -333,26 +344,12 @@ def fast_area_table(args: argparse.Namespace) -> None:
 
 def _forced_area(data: bytes, opts: ImageOptions, fast: bool, repeats: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Like :func:`run_forced` for the shrink: the fast area path forced on (whatever the factor) or off."""
-    saved, saved_enc = I.FAST_AREA_MIN, cv2.imencode
-    seen = []
-
-    def imencode(ext, img, params=()):
-        seen.append(img)
-        return saved_enc(ext, img, params)
-
+    saved = I.FAST_AREA_MIN
     I.FAST_AREA_MIN = 1.0
-    cv2.imencode = imencode
     try:
-        proc = ImageProcessor(ImageOptions(**{**opts.__dict__, "fast_area": fast}))
-        best = math.inf
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            res = proc(data)
-            best = min(best, time.perf_counter() - t0)
+        return timed_call(ImageOptions(**{**opts.__dict__, "fast_area": fast}), data, repeats)
     finally:
-        I.FAST_AREA_MIN, cv2.imencode = saved, saved_enc
-    assert res.error is None, res.error
-    return seen[-1], cv2.imdecode(np.frombuffer(res.image, np.uint8), cv2.IMREAD_UNCHANGED), best * 1000
+        I.FAST_AREA_MIN = saved
 
 
 if __name__ == "__main__":
