@@ -43,6 +43,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -150,9 +151,7 @@ def run_forced(data: bytes, opts: ImageOptions, r: int, repeats: int) -> tuple[n
     saved = I._jpeg_reduction
     I._jpeg_reduction = lambda w, h, t: r
     try:
-        return timed_call(ImageOptions(**{**opts.__dict__, "fast_area": False}) if r > 1
-                          else ImageOptions(**{**opts.__dict__, "jpeg_draft": False, "fast_area": False}),
-                          data, repeats)
+        return timed_call(replace(opts, fast_area=False, jpeg_draft=opts.jpeg_draft and r > 1), data, repeats)
     finally:
         I._jpeg_reduction = saved
 
@@ -290,7 +289,6 @@ def main() -> None:
               f"{ssim_min:.4f} | "
               f"{t_d:.0f} / {t_f:.0f} | {t_f / t_d:.2f}x |")
 
-
     if args.only != "draft":
         fast_area_table(args)
 
@@ -347,7 +345,7 @@ def _forced_area(data: bytes, opts: ImageOptions, fast: bool, repeats: int) -> t
     saved = I.FAST_AREA_MIN
     I.FAST_AREA_MIN = 1.0
     try:
-        return timed_call(ImageOptions(**{**opts.__dict__, "fast_area": fast}), data, repeats)
+        return timed_call(replace(opts, fast_area=fast), data, repeats)
     finally:
         I.FAST_AREA_MIN = saved
 

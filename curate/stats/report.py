@@ -64,7 +64,8 @@ def preload() -> None:
 
 def _figure(width_scale: float = 1.0, height_scale: float = 1.0, *, fixed: bool = False):
     """A figure; ``fixed``: fixed margins for axes whose labels are numbers (the constrained layout
-    measures every label and costs about half of drawing a histogram, which a report has five of)."""
+    measures every label and costs about half of drawing a histogram, one per score, caption length
+    and image size column)."""
     from matplotlib.figure import Figure  # the OO API: no pyplot global state, no GUI backend
 
     fig = Figure(figsize=(FIG_SIZE[0] * width_scale, FIG_SIZE[1] * height_scale), dpi=FIG_DPI,
