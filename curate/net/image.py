@@ -80,7 +80,7 @@ JPEG_DRAFT_GAP = 2.5
 #: 500 px photo to 256 px on the 2-core test machine), the image path's largest cost at web sizes.
 #: Against the exact INTER_AREA, on real photos (benchmarks/jpeg_quality.py, fast-area table;
 #: targets 256/384/512, JPEG q75/90/95) the final q95 JPEGs are at >= 41.9 dB PSNR from a factor of
-#: 1.6 (1.5: 39.5 dB; 1.05: 38.9 dB — the box of the upscaled grid blurs more than a shrink that
+#: 1.6 (1.5: 39.5 dB; 1.02: 38.9 dB — the box of the upscaled grid blurs more than a shrink that
 #: small does), and the margin grows toward 2 (44.9 dB at 1.99).
 FAST_AREA_MIN = 1.6
 WHITE = (255, 255, 255, 255)
