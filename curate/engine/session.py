@@ -83,6 +83,10 @@ def start_ray(*, ray_address: str | None, num_cpus: float | None, debug: bool = 
     global _started_local_ray
     _started_local_ray = local
     configure_ray_data(debug=debug)
+    if local and not kwargs["log_to_driver"]:
+        from curate.engine.ray_helpers import answer_in_driver
+
+        answer_in_driver()
     return time.perf_counter() - t0
 
 
