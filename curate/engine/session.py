@@ -74,8 +74,9 @@ def start_ray(*, ray_address: str | None, num_cpus: float | None, debug: bool = 
     if local:  # a cluster refuses _system_config from a joining driver
         cpus = num_cpus or os.cpu_count() or 1
         kwargs["_system_config"] = {"num_workers_soft_limit": int(math.ceil(cpus)) * IDLE_WORKERS_PER_CPU}
+    lean = local and not kwargs["log_to_driver"]  # log_to_driver: --debug or CURATE_RAY_LOGS=1
     with contextlib.ExitStack() as stack:
-        if local and not kwargs["log_to_driver"]:  # log_to_driver: --debug or CURATE_RAY_LOGS=1
+        if lean:
             stack.enter_context(_without_monitors())
         if not debug:
             stack.enter_context(_ray_lines_dropped())
@@ -83,7 +84,7 @@ def start_ray(*, ray_address: str | None, num_cpus: float | None, debug: bool = 
     global _started_local_ray
     _started_local_ray = local
     configure_ray_data(debug=debug)
-    if local and not kwargs["log_to_driver"]:
+    if lean:
         from curate.engine.ray_helpers import answer_in_driver
 
         answer_in_driver()

@@ -59,7 +59,8 @@ print(json.dumps([" ".join(p.cmdline()) for p in me.children(recursive=True)]))
 """
 
 
-def _ray_processes(**env) -> str:
+def _run_script(script: str, timeout: float, **env):
+    """Run ``script`` in a fresh interpreter with its own Ray temp folder; its last stdout line, as JSON."""
     import json
     import os
     import shutil
@@ -69,12 +70,16 @@ def _ray_processes(**env) -> str:
 
     ray_tmp = tempfile.mkdtemp(prefix="crt", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     try:
-        out = subprocess.run([sys.executable, "-c", _LIST_RAY_PROCESSES], capture_output=True, text=True,
-                             timeout=120, env={**os.environ, "RAY_TMPDIR": ray_tmp, **env})
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             timeout=timeout, env={**os.environ, "RAY_TMPDIR": ray_tmp, **env})
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    return " ".join(json.loads(out.stdout.strip().splitlines()[-1]))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _ray_processes(**env) -> str:
+    return " ".join(_run_script(_LIST_RAY_PROCESSES, 120, **env))
 
 
 def test_a_local_run_starts_ray_without_its_monitors():
@@ -113,21 +118,7 @@ RAY_DATA_HELPERS = ("_StatsActor", "ActorLocationTracker", "AutoscalingCoordinat
 
 
 def _dataset_run(**env) -> tuple[bool, str]:
-    import json
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-
-    ray_tmp = tempfile.mkdtemp(prefix="crt", dir="/tmp")
-    try:
-        out = subprocess.run([sys.executable, "-c", _RUN_A_DATASET], capture_output=True, text=True,
-                             timeout=180, env={**os.environ, "RAY_TMPDIR": ray_tmp, **env})
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = _run_script(_RUN_A_DATASET, 180, **env)
     return got["ids_ok"], " ".join(got["processes"])
 
 
