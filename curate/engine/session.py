@@ -94,18 +94,26 @@ def start_ray(*, ray_address: str | None, num_cpus: float | None, debug: bool = 
 @contextlib.contextmanager
 def _without_monitors() -> Iterator[None]:
     """While this process starts its own single-node Ray: without the autoscaler monitor (there is
-    no cluster to scale) and the log monitor (it tails every worker's log files for the driver, and
-    a normal run shows no worker log lines). ``ray.init`` has no argument for either (``ray start
-    --no-monitor`` has one), so the node's parameters are set as it is built. Measured: Ray's
-    processes, idle for their first 25 s, used 7.4 s of CPU instead of 10.1 s (the two monitors 2.1 s
-    of it); in a 20,000-image download run the two had used 2.5-4.0 s. With
-    ``--debug`` or ``CURATE_RAY_LOGS=1`` both run as usual."""
+    no cluster to scale), the log monitor (it tails every worker's log files for the driver, and
+    a normal run shows no worker log lines) and the dashboard's head process. ``ray.init`` has no
+    argument for any of them (``ray start --no-monitor`` has one for the first), so the node's
+    parameters are set as it is built and its API-server start is skipped.
+
+    Measured: Ray's processes, idle for their first 25 s, used 7.4 s of CPU instead of 10.1 s
+    without the two monitors (2.1 s of it theirs); in a 20,000-image download run the two had used
+    2.5-4.0 s. The head process, with ``include_dashboard=False``, loads only Ray's usage-stats
+    module (no state or job API: Ray's own TODO in ``services.start_api_server``), yet
+    ``ray.init`` waits for it to publish its URL before it starts the raylet: 4.3-4.9 s to start
+    Ray with it, 2.1-3.3 s without (``ray.init(num_cpus=2)`` here, idle machine), and 1.6 s of CPU
+    in a 20,000-image run. Ray treats a head that failed to start as a warning, not an error, and
+    runs on without it. With ``--debug`` or ``CURATE_RAY_LOGS=1`` all three run as usual."""
     try:
         from ray._private import node
     except ImportError:  # another Ray layout: start it as it is
         yield
         return
     original = node.Node.__init__
+    original_api_server = getattr(node.Node, "start_api_server", None)
 
     def init(self, ray_params, *args, **kwargs):
         if kwargs.get("head") or (args and args[0] is True):
@@ -115,11 +123,20 @@ def _without_monitors() -> Iterator[None]:
                 ray_params.include_log_monitor = False
         return original(self, ray_params, *args, **kwargs)
 
+    def api_server(self, *args, **kwargs):
+        if kwargs.get("include_dashboard") is False:
+            return None  # the head process would serve nothing this run uses
+        return original_api_server(self, *args, **kwargs)
+
     node.Node.__init__ = init
+    if original_api_server is not None:
+        node.Node.start_api_server = api_server
     try:
         yield
     finally:
         node.Node.__init__ = original
+        if original_api_server is not None:
+            node.Node.start_api_server = original_api_server
 
 
 #: Ray's C++ log level unless the user set one: its warnings (e.g. "actor constructor arguments in

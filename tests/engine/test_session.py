@@ -82,14 +82,17 @@ def _ray_processes(**env) -> str:
     return " ".join(_run_script(_LIST_RAY_PROCESSES, 120, **env))
 
 
-def test_a_local_run_starts_ray_without_its_monitors():
+def test_a_local_run_starts_ray_without_its_monitors_or_dashboard_head():
     """A run's own single-node Ray has no autoscaler monitor and no log monitor (2.5-4 s of CPU in a
-    20,000-image download run, for a cluster that never scales and worker logs a run never shows);
-    with CURATE_RAY_LOGS=1, which shows worker logs, the log monitor runs as usual."""
+    20,000-image download run, for a cluster that never scales and worker logs a run never shows)
+    and no dashboard head (``ray.init`` waits 1.3-1.6 s for it, and with ``include_dashboard=False``
+    it serves nothing); with CURATE_RAY_LOGS=1, which shows worker logs, all three run as usual."""
     lean = _ray_processes()
     assert "gcs_server" in lean and "raylet" in lean  # Ray itself is up
     assert "log_monitor.py" not in lean and "autoscaler/_private/monitor.py" not in lean
-    assert "log_monitor.py" in _ray_processes(CURATE_RAY_LOGS="1")
+    assert "dashboard/dashboard.py" not in lean
+    usual = _ray_processes(CURATE_RAY_LOGS="1")
+    assert "log_monitor.py" in usual and "dashboard/dashboard.py" in usual
 
 
 _RUN_A_DATASET = """
