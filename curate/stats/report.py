@@ -55,11 +55,14 @@ class Plot:
 
 
 def preload() -> None:
-    """Import what drawing the report needs (matplotlib and its Agg canvas: 0.6 s here) before it is
-    needed: ``curate run`` calls this from a background thread while the stages work, so the report
-    written after the last shard does not wait for the imports."""
+    """Import what computing and drawing the report needs (matplotlib and its Agg canvas: 0.6 s
+    here; polars and the statistics module: 0.26 s) before it is needed: ``curate run`` calls this
+    from a background thread while the stages work, so the report written after the last shard
+    does not wait for the imports."""
     import matplotlib.backends.backend_agg  # noqa: F401
     import matplotlib.figure  # noqa: F401
+
+    import curate.stats.compute  # noqa: F401
 
 
 def _figure(width_scale: float = 1.0, height_scale: float = 1.0, *, fixed: bool = False):
@@ -114,14 +117,15 @@ def reasons_plot(stats: Stats) -> Plot | None:
 
 
 def histogram_plot(dist: Distribution, title: str, plot_id: str) -> Plot:
-    """All rows with a value (grey) behind kept rows (blue), on the same bins: the before/after view."""
+    """All rows with a value (grey) behind kept rows (blue), on the same bins: the before/after view.
+
+    Each is one filled step outline (``stairs``), not a bar per bin: the same picture, drawn as one
+    patch instead of one per bin (five histograms: 0.58 s instead of 0.83 s here)."""
     h = dist.histogram
     fig = _figure(fixed=True)
     ax = fig.add_subplot()
-    widths = [b - a for a, b in zip(h.edges[:-1], h.edges[1:], strict=True)]
-    ax.bar(h.edges[:-1], h.all, width=widths, align="edge", color=ALL_COLOR, label=f"all ({dist.all.count:,})")
-    ax.bar(h.edges[:-1], h.kept, width=widths, align="edge", color=KEPT_COLOR, alpha=0.85,
-           label=f"kept ({dist.kept.count:,})")
+    ax.stairs(h.all, h.edges, fill=True, color=ALL_COLOR, label=f"all ({dist.all.count:,})")
+    ax.stairs(h.kept, h.edges, fill=True, color=KEPT_COLOR, alpha=0.85, label=f"kept ({dist.kept.count:,})")
     ax.set_xlabel(dist.column)
     ax.set_ylabel("rows")
     # above the axes: never over the bars, and no search for the emptiest corner (loc="best" tries
