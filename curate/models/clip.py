@@ -39,8 +39,40 @@ def register_configs() -> None:
         open_clip.add_model_config(CONFIG_DIR)
 
 
+def config_names() -> set[str] | None:
+    """The architectures open_clip knows, read from its config files as ``open_clip.list_models()``
+    does (a JSON with ``embed_dim``, ``vision_cfg`` and ``text_cfg``), without importing open_clip:
+    that import brings torch, torchvision and transformers, 6.8-7.4 s here, which a driver that only
+    checks a recipe never needs. None when open_clip is not installed where expected."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("open_clip")  # finds the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    names: set[str] = set()
+    for folder in [Path(loc) / "model_configs" for loc in spec.submodule_search_locations] + [CONFIG_DIR]:
+        for path in folder.glob("*.json"):
+            try:
+                cfg = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(cfg, dict) and all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+                names.add(path.stem)
+    return names or None
+
+
 def resolve_checkpoint(model: str, pretrained: str | None) -> str | None:
-    """The local file or cached tag to load; raise a clear error when it is not available offline."""
+    """The local file or cached tag to load; raise a clear error when it is not available offline.
+
+    A known architecture with a local checkpoint file (or the demo CLIP) is answered from files
+    alone (:func:`config_names`); a pretrained tag needs open_clip's own tables, so it imports it."""
+    local = model == DEMO_MODEL and pretrained in (None, "", "demo")
+    local = local or (pretrained not in (None, "") and os.path.isfile(os.path.expanduser(pretrained)))
+    if local and model in (config_names() or ()):
+        if model == DEMO_MODEL and pretrained in (None, "", "demo"):
+            return _demo_weights()
+        return os.path.expanduser(pretrained)
     import open_clip
 
     register_configs()
@@ -49,10 +81,7 @@ def resolve_checkpoint(model: str, pretrained: str | None) -> str | None:
             f"unknown open_clip model {model!r}; see open_clip.list_models() "
             f"(e.g. ViT-B-32, ViT-L-14) or use {DEMO_MODEL!r}")
     if model == DEMO_MODEL and pretrained in (None, "", "demo"):
-        if not DEMO_WEIGHTS.exists():
-            raise EnvironmentProblem(f"the demo CLIP checkpoint {DEMO_WEIGHTS} is missing; "
-                                     "train it with `python -m curate.demo.train_clip`")
-        return str(DEMO_WEIGHTS)
+        return _demo_weights()
     if pretrained in (None, ""):
         raise RecipeError(f"clip model {model!r} needs `pretrained:` (a tag such as "
                           f"{_tags(model)[:3]} or a local checkpoint path); random weights are never used")
@@ -71,6 +100,13 @@ def resolve_checkpoint(model: str, pretrained: str | None) -> str | None:
             f"`python -c \"import open_clip; open_clip.create_model_and_transforms('{model}', pretrained='{pretrained}')\"` "
             "and copy ~/.cache/huggingface (or set HF_HOME) here, or set `pretrained:` to a local checkpoint file.")
     return pretrained
+
+
+def _demo_weights() -> str:
+    if not DEMO_WEIGHTS.exists():
+        raise EnvironmentProblem(f"the demo CLIP checkpoint {DEMO_WEIGHTS} is missing; "
+                                 "train it with `python -m curate.demo.train_clip`")
+    return str(DEMO_WEIGHTS)
 
 
 def _looks_like_path(pretrained: str) -> bool:
@@ -108,6 +144,7 @@ def load_clip(model: str, pretrained: str | None, device: str = "cpu", precision
     import open_clip
 
     ckpt = resolve_checkpoint(model, pretrained)
+    register_configs()  # the demo CLIP's architecture (resolve_checkpoint may not have imported open_clip)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cached tags load without touching the network
     clip, _, preprocess = open_clip.create_model_and_transforms(
         model, pretrained=ckpt, device=device, precision=precision)

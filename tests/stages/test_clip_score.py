@@ -73,6 +73,42 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
         ClipScore(ClipScoreConfig(model="ViT-B-32", pretrained="/no/such/file.pt")).check()
 
 
+def test_checking_a_local_checkpoint_does_not_import_open_clip(tmp_path):
+    """The driver checks a recipe before any work; with a local checkpoint (or the demo CLIP) it reads
+    open_clip's config files instead of importing it (torch, torchvision, transformers: ~7 s here,
+    on the run's critical path). The answers are the ones open_clip's own tables give."""
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "weights.pt"
+    ckpt.write_bytes(b"not read by the check")
+    script = f"""
+import json, sys
+from curate.models.clip import DEMO_WEIGHTS, resolve_checkpoint
+from curate.errors import RecipeError
+got = [resolve_checkpoint("ViT-B-32", {str(ckpt)!r}), resolve_checkpoint("curate-demo-clip", None)]
+light = not any(m in sys.modules for m in ("open_clip", "torch"))
+try:
+    resolve_checkpoint("ViT-Q-99", {str(ckpt)!r})
+except RecipeError as e:
+    got.append(str(e))
+print(json.dumps([got, light, str(DEMO_WEIGHTS)]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got, light, demo = json.loads(out.stdout.strip().splitlines()[-1])
+    assert light
+    assert got[:2] == [str(ckpt), demo]
+    assert "unknown open_clip model 'ViT-Q-99'" in got[2]  # an unknown name still goes to open_clip's list
+
+    import open_clip
+
+    from curate.models.clip import config_names, register_configs
+
+    register_configs()
+    assert config_names() == set(open_clip.list_models())
+
+
 def test_local_checkpoint_path_loads(tmp_path):
     from curate.models.clip import DEMO_WEIGHTS
 
