@@ -155,8 +155,8 @@ def main() -> None:
     print(f"{'curate clip_score stage':<26}{f'{piped:.1f}' if piped else 'n/a':>10}")
     print(f"{'curate run, whole command':<26}{whole:>10.1f}  (interpreter and Ray start-up included)")
     if piped:
-        print(f"ratio curate/bare: {piped / bare:.2f}  (goal >= 0.95 on the median of five runs); "
-              f"{piped / bare_no_imports:.2f} against the loop with its imports left out")
+        print(f"ratio curate/bare: {piped / bare:.3f}  (goal >= 0.95 on the median of five runs); "
+              f"{piped / bare_no_imports:.3f} against the loop with its imports left out")
     else:
         print("ratio curate/bare: n/a — this build's manifest has no timings, so Ray's start-up "
               f"cannot be left out; whole command / bare: {whole / bare:.2f}")
