@@ -104,8 +104,8 @@ def _without_monitors() -> Iterator[None]:
     2.5-4.0 s. The head process, with ``include_dashboard=False``, loads only Ray's usage-stats
     module (no state or job API: Ray's own TODO in ``services.start_api_server``), yet
     ``ray.init`` waits for it to publish its URL before it starts the raylet: 4.3-4.9 s to start
-    Ray with it, 2.1-3.3 s without (``ray.init(num_cpus=2)`` here, idle machine), and 1.6 s of CPU
-    in a 20,000-image run. Ray treats a head that failed to start as a warning, not an error, and
+    Ray with it (median 4.7), 2.1-4.3 s without (median 3.3; ``ray.init(num_cpus=2)`` here, idle
+    machine, four runs each), and 1.6 s of CPU in a 20,000-image run. Ray treats a head that failed to start as a warning, not an error, and
     runs on without it. With ``--debug`` or ``CURATE_RAY_LOGS=1`` all three run as usual."""
     try:
         from ray._private import node

@@ -67,12 +67,10 @@ def resolve_checkpoint(model: str, pretrained: str | None) -> str | None:
 
     A known architecture with a local checkpoint file (or the demo CLIP) is answered from files
     alone (:func:`config_names`); a pretrained tag needs open_clip's own tables, so it imports it."""
-    local = model == DEMO_MODEL and pretrained in (None, "", "demo")
-    local = local or (pretrained not in (None, "") and os.path.isfile(os.path.expanduser(pretrained)))
+    demo = model == DEMO_MODEL and pretrained in (None, "", "demo")
+    local = demo or (pretrained not in (None, "") and os.path.isfile(os.path.expanduser(pretrained)))
     if local and model in (config_names() or ()):
-        if model == DEMO_MODEL and pretrained in (None, "", "demo"):
-            return _demo_weights()
-        return os.path.expanduser(pretrained)
+        return _demo_weights() if demo else os.path.expanduser(pretrained)
     import open_clip
 
     register_configs()
@@ -80,7 +78,7 @@ def resolve_checkpoint(model: str, pretrained: str | None) -> str | None:
         raise RecipeError(
             f"unknown open_clip model {model!r}; see open_clip.list_models() "
             f"(e.g. ViT-B-32, ViT-L-14) or use {DEMO_MODEL!r}")
-    if model == DEMO_MODEL and pretrained in (None, "", "demo"):
+    if demo:
         return _demo_weights()
     if pretrained in (None, ""):
         raise RecipeError(f"clip model {model!r} needs `pretrained:` (a tag such as "
