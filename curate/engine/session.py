@@ -77,7 +77,7 @@ def start_ray(*, ray_address: str | None, num_cpus: float | None, debug: bool = 
     lean = local and not kwargs["log_to_driver"]  # log_to_driver: --debug or CURATE_RAY_LOGS=1
     with contextlib.ExitStack() as stack:
         if lean:
-            stack.enter_context(_without_monitors())
+            stack.enter_context(_lean_local_node())
         if not debug:
             stack.enter_context(_ray_lines_dropped())
         ray.init(**kwargs)
@@ -92,7 +92,7 @@ def start_ray(*, ray_address: str | None, num_cpus: float | None, debug: bool = 
 
 
 @contextlib.contextmanager
-def _without_monitors() -> Iterator[None]:
+def _lean_local_node() -> Iterator[None]:
     """While this process starts its own single-node Ray: without the autoscaler monitor (there is
     no cluster to scale), the log monitor (it tails every worker's log files for the driver, and
     a normal run shows no worker log lines) and the dashboard's head process. ``ray.init`` has no
@@ -105,8 +105,9 @@ def _without_monitors() -> Iterator[None]:
     module (no state or job API: Ray's own TODO in ``services.start_api_server``), yet
     ``ray.init`` waits for it to publish its URL before it starts the raylet: 4.3-4.9 s to start
     Ray with it (median 4.7), 2.1-4.3 s without (median 3.3; ``ray.init(num_cpus=2)`` here, idle
-    machine, four runs each), and 1.6 s of CPU in a 20,000-image run. Ray treats a head that failed to start as a warning, not an error, and
-    runs on without it. With ``--debug`` or ``CURATE_RAY_LOGS=1`` all three run as usual."""
+    machine, four runs each), and 1.6 s of CPU in a 20,000-image run. Ray treats a head that failed
+    to start as a warning, not an error, and runs on without it. With ``--debug`` or
+    ``CURATE_RAY_LOGS=1`` all three run as usual."""
     try:
         from ray._private import node
     except ImportError:  # another Ray layout: start it as it is
