@@ -127,21 +127,21 @@ _POLY = int(_constants(1, 4)[0])
 _POLY_INV = pow(_POLY, -1, 1 << 64)
 
 
-from curate.dedup.minhash_kernels import (  # noqa: E402 - after the constants they take
-    _k_band_hashes,
-    _k_char_signatures,
-    _k_hash_signatures,
-    _k_normalise_ascii,
-)
+def _kernels():
+    """The compiled kernels (:mod:`curate.dedup.minhash_kernels`), imported on first use: numba costs
+    0.25 s to import, which every recipe would otherwise pay as the stage registry loads this module."""
+    from curate.dedup import minhash_kernels
+
+    return minhash_kernels
 
 
 def warm_kernels() -> None:
     """Compile (or load from numba's on-disk cache) every kernel once, on tiny inputs."""
     a, b = permutations(2, 1)
     out = np.empty((1, 2), np.uint32)
-    _k_char_signatures(np.zeros(5, np.uint32), np.zeros(1, np.int64), np.ones(1, np.int64), 5, _CHAR_C, a, b, out)
-    _k_hash_signatures(np.zeros(1, np.uint32), np.ones(1, np.int64), a, b, out)
-    _k_band_hashes(out, 1, 2, _BAND_C, np.empty((1, 1), np.uint64))
+    _kernels()._k_char_signatures(np.zeros(5, np.uint32), np.zeros(1, np.int64), np.ones(1, np.int64), 5, _CHAR_C, a, b, out)
+    _kernels()._k_hash_signatures(np.zeros(1, np.uint32), np.ones(1, np.int64), a, b, out)
+    _kernels()._k_band_hashes(out, 1, 2, _BAND_C, np.empty((1, 1), np.uint64))
     normalised_codepoints(pa.array(["A b"]), 1)
 
 
@@ -228,7 +228,7 @@ def normalised_codepoints(captions: pa.Array, pad: int,
     starts = np.empty(n, dtype=np.int64)
     lengths = np.empty(n, dtype=np.int64)
     ascii_ok = np.empty(n, dtype=np.bool_)
-    pos = _k_normalise_ascii(data, offsets, valid, pad, out, starts, lengths, ascii_ok)  # identity if normalised
+    pos = _kernels()._k_normalise_ascii(data, offsets, valid, pad, out, starts, lengths, ascii_ok)  # identity if normalised
     rest = np.flatnonzero(valid & ~ascii_ok)
     if len(rest) == 0:
         return out[:pos], starts, lengths
@@ -366,10 +366,10 @@ def signatures(texts: list[str], params: MinHashParams) -> np.ndarray:
         return out
     if params.shingle == "char":
         cp, starts, lengths = _codepoints(texts, params.ngram - 1)
-        _k_char_signatures(cp, starts, lengths, params.ngram, _CHAR_C, a, b, out)
+        _kernels()._k_char_signatures(cp, starts, lengths, params.ngram, _CHAR_C, a, b, out)
     else:
         hashes, counts = _word_hashes(texts, params.ngram)
-        _k_hash_signatures(hashes, np.cumsum(counts), a, b, out)
+        _kernels()._k_hash_signatures(hashes, np.cumsum(counts), a, b, out)
     return out
 
 
@@ -413,7 +413,7 @@ def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """One 64-bit hash per band of each signature (rows × bands uint64): a multilinear hash of the
     band's values, xor the band's index, through fmix64 (compiled; :func:`band_hashes_reference`)."""
     out = np.empty((sig.shape[0], bands), dtype=np.uint64)
-    _k_band_hashes(np.ascontiguousarray(sig), bands, rows, _BAND_C, out)
+    _kernels()._k_band_hashes(np.ascontiguousarray(sig), bands, rows, _BAND_C, out)
     return out
 
 
@@ -488,7 +488,7 @@ def slice_signatures(captions: pa.Array, params: MinHashParams, normalised: bool
         idx = np.flatnonzero(lengths > 0)
         a, b = permutations(params.num_perm, params.seed)
         sig = np.empty((len(idx), params.num_perm), dtype=np.uint32)
-        _k_char_signatures(cp, starts[idx], lengths[idx], params.ngram, _CHAR_C, a, b, sig)
+        _kernels()._k_char_signatures(cp, starts[idx], lengths[idx], params.ngram, _CHAR_C, a, b, sig)
         return idx, sig
     texts = captions.to_pylist()
     if not normalised:

@@ -58,8 +58,6 @@ from itertools import combinations
 
 import numpy as np
 
-from curate.dedup.phash_kernels import k_mask_join
-
 log = logging.getLogger(__name__)
 
 HASH_BITS = 64
@@ -256,13 +254,21 @@ def near_value_pairs(values: np.ndarray, max_distance: int, *, use_ray: bool = F
     return left[order], right[order]
 
 
+def _kernels():
+    """The compiled join (:mod:`curate.dedup.phash_kernels`), imported on first use: numba costs 0.25 s
+    to import, which every recipe would otherwise pay as the stage registry loads this module."""
+    from curate.dedup import phash_kernels
+
+    return phash_kernels
+
+
 def warm_kernel() -> None:
     """Compile (or load from numba's cache) the join on tiny inputs of the types the tasks pass."""
     h = np.array([0, 1], np.uint64)
     i64 = np.array([0, 1], np.int64)
     table = np.array([0, 1], np.int32)
     none_u, none_i = np.zeros(0, np.uint64), np.zeros(0, np.int64)
-    k_mask_join(h, i64, np.ones(2, np.int64), h, i64, 0, np.ones(1, np.uint64), table, np.ones(2, np.int32), 1,
+    _kernels().k_mask_join(h, i64, np.ones(2, np.int64), h, i64, 0, np.ones(1, np.uint64), table, np.ones(2, np.int32), 1,
                 none_u, none_u, none_i)
 
 
@@ -331,7 +337,7 @@ def _band_task(h: np.ndarray, bands: list[Band], bi: int, tops: list[int], equal
         radius = np.array([b.radius for b in earlier], np.int64)
         for top in tops:
             masks = np.array(_flip_masks(top, band.radius), np.uint64)
-            left, right, seen = k_mask_join(values, starts, counts, hs, order, top, masks, start_of, count_of,
+            left, right, seen = _kernels().k_mask_join(values, starts, counts, hs, order, top, masks, start_of, count_of,
                                             max_distance, shift, width_mask, radius)
             found.add(left, right, seen)
         return found.result()

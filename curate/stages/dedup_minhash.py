@@ -29,7 +29,6 @@ from pydantic import Field
 from curate import rows
 from curate.dedup.clusters import KEEP_FIELD, decide_clusters, keep_columns, preference_order
 from curate.dedup.minhash import MinHashParams
-from curate.dedup.minhash_kernels import leader_labels
 from curate.dedup.minhash_lsh import PairStats, near_duplicate_pairs
 from curate.stages.base import GlobalStage, StageConfig
 from curate.stages.registry import register
@@ -150,6 +149,8 @@ class DedupMinhash(GlobalStage[DedupMinhashConfig]):
             left, right = left[ok], right[ok]
         info["pairs"] = int(len(left))
         preferred = preference_order(table, c.keep)  # one sort serves the clusters and their kept rows
+        from curate.dedup.minhash_kernels import leader_labels  # numba: imported when a stage runs
+
         labels = leader_labels(table.num_rows, left, right, preferred)
         reason = "duplicate:near_caption" if c.match == "caption" else "duplicate:near_pair"
         decisions, cluster_info = decide_clusters(table, labels, reason=reason, keep=c.keep, order=preferred)

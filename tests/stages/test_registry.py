@@ -120,3 +120,28 @@ def test_without_the_plugin_the_recipe_names_the_unknown_stage(tmp_path):
                            "--no-check-input"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "unknown stage 'no_shouting'" in proc.stderr and Path(recipe).name in proc.stderr
+
+
+def test_the_registry_loads_every_stage_without_numba_or_torch():
+    """Loading a recipe imports every stage module (the registry scans them all, for their configs);
+    that must not import numba (0.25 s) or torch (seconds) in a process that runs neither, such as a
+    download run's driver before its first image. The dedup kernels are imported when they run."""
+    script = """
+import json, sys
+from curate.recipe import load_recipe
+from curate.stages.registry import stage_classes
+load_recipe("pipelines/download.yaml", overrides=[], input_path="x.parquet", output_path="out")
+names = sorted(stage_classes())
+heavy = [m for m in ("numba", "torch", "open_clip") if m in sys.modules]
+from curate.stages.dedup_minhash import DedupMinhash
+from curate.dedup.minhash import MinHashParams, signatures
+signatures(["a cat on a mat"], MinHashParams())
+print(json.dumps([names, heavy, "numba" in sys.modules]))
+"""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr
+    names, heavy, numba_after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"download", "dedup_minhash", "dedup_phash", "image_hash", "clip_score"} <= set(names)
+    assert heavy == []
+    assert numba_after  # the kernels are there when a dedup stage computes
