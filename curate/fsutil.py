@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -25,6 +26,10 @@ def _disable_listings_cache() -> None:
 
 
 _disable_listings_cache()
+
+
+#: A file :func:`atomic_open` is still writing: its final name, ``.tmp`` and 8 hex digits.
+TEMP_NAME = re.compile(r"\.tmp[0-9a-f]{8}$")
 
 
 @contextlib.contextmanager

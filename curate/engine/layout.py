@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,10 +29,12 @@ from typing import Any
 import fsspec
 
 from curate.errors import NO_SPACE_ERRNOS, NoSpaceError, OutputError
-from curate.fsutil import write_json
+from curate.fsutil import TEMP_NAME, write_json
 
 WORK = "_work"
 DONE = "_done"
+
+log = logging.getLogger(__name__)
 SOURCE_ERRORS = "source_errors"
 
 
@@ -149,9 +152,22 @@ def prepare_output(layout: Layout, *, fingerprint: str, resolved: dict[str, Any]
                 raise OutputError(
                     f"output {layout.root} holds a run of a different recipe (fingerprint {old} vs {fingerprint}); "
                     "pass --overwrite to replace it, or choose another -o")
+            remove_stale_temps(layout)
     fs.makedirs(layout.work(), exist_ok=True)
     if not layout.exists(fp_path):
         layout.write_json(fp_path, {"fingerprint": fingerprint, "recipe": resolved})
+
+
+def remove_stale_temps(layout: Layout) -> int:
+    """Before a run resumes: remove the files a killed run was still writing (they never got their final
+    name, so nothing trusts them, and the shard they belong to is written again). Returns how many."""
+    stale = [p for p in layout.fs.find(layout.root) if TEMP_NAME.search(p)]
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            layout.fs.rm(p)
+    if stale:
+        log.info("removed %d temporary files a stopped run left in %s", len(stale), layout.root)
+    return len(stale)
 
 
 @dataclass
