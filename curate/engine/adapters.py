@@ -13,10 +13,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 
-from curate.engine.parts import write_parts
+from curate.engine.parts import read_shards, write_parts
 from curate.engine.resources import Fitted
 from curate.engine.samples import sample_drops
 from curate.stages.base import Stage, StageConfig, StageContext
@@ -64,17 +66,29 @@ class StageActor:
 
     With ``parts_dir`` (see :func:`writes_own_parts`) the actor also stores its output as part
     files and returns only their report: the rows' image bytes go from the stage to disk without
-    another copy through Ray's object store to a writer process.
+    another copy through Ray's object store to a writer process. With ``read`` (see
+    :func:`reads_own_input`) its input is work units (``spec`` rows), which it reads itself with
+    :func:`~curate.engine.parts.read_shards` and these options.
     """
 
     def __init__(self, cfg: StageConfig, parts_dir: str | None = None, work_dir: str | None = None,
-                 thumbnails: bool = False) -> None:
+                 thumbnails: bool = False, read: dict[str, Any] | None = None) -> None:
         self.stage = stage_class(cfg.use)(cfg)
         self.stage.setup(context_for(cfg, work_dir))
         self.parts_dir = parts_dir
         self.thumbnails = thumbnails
+        self.read = read
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> pa.Table | Iterator[pa.Table]:
+        return self._one(batch) if self.read is None else self._read_and_run(batch)
+
+    def _read_and_run(self, units: pa.Table) -> Iterator[pa.Table]:
+        """A batch of work units: each of their batches through the stage (none for a unit that
+        could not be read: :func:`~curate.engine.parts.read_shards` records why)."""
+        for batch in read_shards(units, **self.read or {}):
+            yield self._one(batch)
+
+    def _one(self, batch: pa.Table) -> pa.Table:
         out = run_stage(self.stage, batch, self.thumbnails)
         return out if self.parts_dir is None else write_parts(out, parts_dir=self.parts_dir)
 
@@ -97,3 +111,16 @@ def writes_own_parts(f: Fitted) -> bool:
     per part): those keep the zero-CPU writer op after them, as stateless stages do.
     """
     return bool(f.is_actor and f.stage_class().batches_in_flight > 1 and not f.res.num_gpus)
+
+
+def reads_own_input(f: Fitted) -> bool:
+    """Whether a first phase's first stage reads its work units itself, with no read task before it.
+
+    Worth it for the same I/O-bound actors (``download``): a unit of a URL list is read in a few
+    milliseconds, yet a Ray Data read op keeps task worker processes of its own (each imports Ray,
+    Ray Data and curate) and sends every unit's rows through the object store. With the shards
+    finalized in the driver on a local Ray (:class:`curate.engine.phases.Finalizer`), a download run
+    then starts no task worker at all. A model actor runs one call at a time: a read inside it would
+    idle its CPU or GPU, so those keep the read task.
+    """
+    return writes_own_parts(f)

@@ -3,13 +3,15 @@
 ::
 
     from_items(shard specs) ─► read_shards (I/O task) ─► stage … stage ─► write_parts (I/O task)
-                                                                          └─ or the last actor writes them
+                             └─ or the first actor reads them             └─ or the last actor writes them
 
 Work items are units of shards (:func:`curate.engine.phases.work_units`): Ray Data
 gathers a task's output into blocks of up to 128 MiB, so a task per shard of URL
 rows would make the whole shard one block for one actor while the others idle.
 Each read task streams its unit's rows in batches of ``runtime.read_batch_rows``, each stage maps batches of its ``batch_size``, and
 the last op reports the part files it stored (:data:`curate.engine.parts.PART_REPORT`).
+A first phase whose first stage is an I/O-bound actor (``download``) has no read op: the
+actor reads its units itself (:func:`curate.engine.adapters.reads_own_input`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from curate.engine.adapters import StageActor, apply_stage, writes_own_parts
+from curate.engine.adapters import StageActor, apply_stage, reads_own_input, writes_own_parts
 from curate.engine.layout import Layout
 from curate.engine.parts import read_shards, write_parts
 from curate.engine.plan import Phase, stage_name
@@ -50,13 +52,18 @@ def build_dataset(recipe: Recipe, source: Source, phase: Phase, units: list[dict
     io_tasks = TaskPoolStrategy(size=cluster_cpus())
     items = [json.dumps(u) for u in units]
     ds = ray.data.from_items([{"spec": s} for s in items], override_num_blocks=len(items))
-    ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0, compute=io_tasks,
-                        fn_kwargs=read_options(recipe, source, phase, layout, global_names))
+    read = read_options(recipe, source, phase, layout, global_names)
     fitted = fit_resources(phase.stages, cluster)
+    own_read = phase.index == 0 and bool(fitted) and reads_own_input(fitted[0])
+    if not own_read:
+        ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0, compute=io_tasks,
+                            fn_kwargs=read)
     parts_dir = layout.parts_dir(phase.index)
     own_parts = bool(fitted) and writes_own_parts(fitted[-1])
     for i, f in enumerate(fitted):
         batch_size = f.res.batch_size or recipe.runtime.batch_size
+        if own_read and i == 0:
+            batch_size = 1  # a work unit per call: the actor reads it (at most a batch of rows)
         work_dir = layout.stage_dir(stage_name(f.cfg))
         if f.is_actor:
             lo, hi, initial = pool_bounds(f, fitted, cluster)
@@ -69,7 +76,8 @@ def build_dataset(recipe: Recipe, source: Source, phase: Phase, units: list[dict
             last = parts_dir if own_parts and i == len(fitted) - 1 else None
             ds = ds.map_batches(StageActor, fn_constructor_kwargs={"cfg": f.cfg, "parts_dir": last,
                                                                    "work_dir": work_dir,
-                                                                   "thumbnails": recipe.write.thumbnails},
+                                                                   "thumbnails": recipe.write.thumbnails,
+                                                                   "read": read if own_read and i == 0 else None},
                                 batch_size=batch_size, batch_format="pyarrow",
                                 compute=ActorPoolStrategy(min_size=lo, max_size=hi, **extra),
                                 num_cpus=f.res.num_cpus, num_gpus=f.res.num_gpus or None)

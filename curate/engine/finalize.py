@@ -1,6 +1,7 @@
 """The end of a row's way: a committed shard through every sink, then the run's manifest.
 
-``finalize_shard`` runs as a Ray task per shard of the last phase: it reads the
+``finalize_shard`` runs once per shard of the last phase (in a driver thread on a local
+Ray, as a Ray task on a cluster: :class:`curate.engine.phases.Finalizer`): it reads the
 shard's part files, sorts the rows by key, hands them to each sink and writes the
 shard's ``_done`` marker last. ``write_manifest`` sums the markers on the driver.
 """
@@ -87,7 +88,7 @@ class Timings:
     phases: list[float] = field(default_factory=list)
     #: the global stages between phases
     globals: float = 0.0
-    #: after the last rows came back: the last finalize tasks, the manifest, the statistics
+    #: after the last rows came back: the last shards' finalize, the manifest, the statistics
     finalize: float = 0.0
     #: process start to the manifest
     total: float = 0.0

@@ -11,9 +11,9 @@ Where each sample is drawn, always while the row still holds its image bytes:
   (:func:`pick_global`) and writes them, with each duplicate's kept row (``duplicate_of``), to
   ``_work/gK/_samples.parquet``; the next phase's read tasks thumbnail those rows before joining
   the decisions (:func:`thumbnail_wanted`).
-- kept rows: per shard, in its finalize task (:func:`sample_kept`).
+- kept rows: per shard, as it is finalized (:func:`sample_kept`).
 
-Each shard's finalize task merges its kept rows' sample and its parts' samples to the shard's k
+Each shard's finalize merges its kept rows' sample and its parts' samples to the shard's k
 smallest per (stage, reason) and thumbnails only those (:func:`sample_shard`), into
 ``_work/kept/NNNNN.parquet``; :func:`merge_run` merges the shards' files.
 

@@ -1,8 +1,8 @@
-"""The warm start (curate/engine/warm.py): the driver downloads while Ray starts, and nothing else changes.
+"""A local download run: the warm start (curate/engine/warm.py) and the worker processes it starts.
 
 Two ``curate run`` processes (each starts its own local Ray, as a user's does) download the same
 list from a real HTTP server on 127.0.0.1, with and without the warm start; their outputs must be
-the same sample for sample.
+the same sample for sample. A download-only run starts its actors and no other worker process.
 """
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+import yaml
 
 from curate.engine.plan import make_phases
 from curate.engine.warm import light, wanted
@@ -159,3 +162,28 @@ def test_not_when_ray_runs_already_or_a_cluster_is_joined(ray_session):
     assert not wanted(recipe, phase)  # this test session's Ray is up: ray.init would return at once
     joined = recipe.model_copy(update={"runtime": recipe.runtime.model_copy(update={"ray_address": "ray://h:1"})})
     assert not wanted(joined, phase)
+
+
+def test_a_local_download_run_starts_no_worker_but_its_actors(tmp_path, web, cold):
+    """The download actors read their own work units and write their own parts, and a local run
+    finalizes its shards in the driver: no Ray task runs, so no task worker process starts (each
+    would import Ray, Ray Data and curate). Counted from Ray's per-process core-worker logs."""
+    recipe, out = _recipe(tmp_path, web, True, "lean")
+    r = yaml.safe_load(recipe.read_text())
+    r["stages"] = r["stages"][:1]  # download only: the caption rule would run as Ray tasks
+    write_recipe(recipe, r)
+    ray_tmp = tempfile.mkdtemp(prefix="crl")  # short: Ray's socket paths must stay under 107 characters
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "curate.cli", "run", str(recipe), "--no-progress"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "RAY_TMPDIR": ray_tmp})
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log.decode()
+        # one log per worker process, named ..._PID.log (session_latest links to the one session)
+        workers = {p.stem.rsplit("_", 1)[1] for p in Path(ray_tmp).glob("ray/session_2*/logs/python-core-worker-*.log")}
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["counts"]["kept"] == N - 10
+    assert _samples(out) == _samples(cold[0])
+    assert 1 <= len(workers) <= 2, workers  # the actor pool (2 CPUs): nothing else
