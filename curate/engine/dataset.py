@@ -63,7 +63,7 @@ def build_dataset(recipe: Recipe, source: Source, phase: Phase, units: list[dict
     for i, f in enumerate(fitted):
         batch_size = f.res.batch_size or recipe.runtime.batch_size
         if own_read and i == 0:
-            batch_size = 1  # a work unit per call: the actor reads it (at most a batch of rows)
+            batch_size = 1  # a work unit per call: the actor reads it, a reader's batch at a time
         work_dir = layout.stage_dir(stage_name(f.cfg))
         if f.is_actor:
             lo, hi, initial = pool_bounds(f, fitted, cluster)
