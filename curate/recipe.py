@@ -52,8 +52,9 @@ class RuntimeConfig(BaseModel):
     batch_size: int = Field(512, ge=1, description="Rows per batch handed to a stage.")
     read_batch_rows: int = Field(1024, ge=1, description="Rows per batch the source readers emit.")
     work_unit_rows: int | None = Field(None, ge=1, description=(
-        "Rows per read task: a shard whose size is known up front (URL lists; every shard after the first "
-        "phase) is read as several units so that every worker takes part whatever samples_per_shard is. "
+        "Rows per work unit (a read task's, or a call of a download actor, which reads its own): a shard "
+        "whose size is known up front (URL lists; every shard after the first phase) is read as several "
+        "units so that every worker takes part whatever samples_per_shard is. "
         "Default: the first stage's batch size."))
     warm_start: bool = Field(True, description=(
         "While this process starts a local Ray (3-8 s), it runs the first work units itself when the first "
