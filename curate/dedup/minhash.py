@@ -139,9 +139,10 @@ def warm_kernels() -> None:
     """Compile (or load from numba's on-disk cache) every kernel once, on tiny inputs."""
     a, b = permutations(2, 1)
     out = np.empty((1, 2), np.uint32)
-    _kernels()._k_char_signatures(np.zeros(5, np.uint32), np.zeros(1, np.int64), np.ones(1, np.int64), 5, _CHAR_C, a, b, out)
-    _kernels()._k_hash_signatures(np.zeros(1, np.uint32), np.ones(1, np.int64), a, b, out)
-    _kernels()._k_band_hashes(out, 1, 2, _BAND_C, np.empty((1, 1), np.uint64))
+    k = _kernels()
+    k._k_char_signatures(np.zeros(5, np.uint32), np.zeros(1, np.int64), np.ones(1, np.int64), 5, _CHAR_C, a, b, out)
+    k._k_hash_signatures(np.zeros(1, np.uint32), np.ones(1, np.int64), a, b, out)
+    k._k_band_hashes(out, 1, 2, _BAND_C, np.empty((1, 1), np.uint64))
     normalised_codepoints(pa.array(["A b"]), 1)
 
 

@@ -268,8 +268,8 @@ def warm_kernel() -> None:
     i64 = np.array([0, 1], np.int64)
     table = np.array([0, 1], np.int32)
     none_u, none_i = np.zeros(0, np.uint64), np.zeros(0, np.int64)
-    _kernels().k_mask_join(h, i64, np.ones(2, np.int64), h, i64, 0, np.ones(1, np.uint64), table, np.ones(2, np.int32), 1,
-                none_u, none_u, none_i)
+    _kernels().k_mask_join(h, i64, np.ones(2, np.int64), h, i64, 0, np.ones(1, np.uint64), table,
+                           np.ones(2, np.int32), 1, none_u, none_u, none_i)
 
 
 def _assign_work(n: int, bands: list[Band], target: int) -> list[tuple[int, list[int], bool]]:
@@ -337,8 +337,8 @@ def _band_task(h: np.ndarray, bands: list[Band], bi: int, tops: list[int], equal
         radius = np.array([b.radius for b in earlier], np.int64)
         for top in tops:
             masks = np.array(_flip_masks(top, band.radius), np.uint64)
-            left, right, seen = _kernels().k_mask_join(values, starts, counts, hs, order, top, masks, start_of, count_of,
-                                            max_distance, shift, width_mask, radius)
+            left, right, seen = _kernels().k_mask_join(values, starts, counts, hs, order, top, masks, start_of,
+                                                       count_of, max_distance, shift, width_mask, radius)
             found.add(left, right, seen)
         return found.result()
 

@@ -80,12 +80,12 @@ class StageActor:
         self.read = read
 
     def __call__(self, batch: pa.Table) -> pa.Table | Iterator[pa.Table]:
-        return self._one(batch) if self.read is None else self._read_and_run(batch)
+        return self._one(batch) if self.read is None else self._read_and_run(batch, self.read)
 
-    def _read_and_run(self, units: pa.Table) -> Iterator[pa.Table]:
+    def _read_and_run(self, units: pa.Table, read: dict[str, Any]) -> Iterator[pa.Table]:
         """A batch of work units: each of their batches through the stage (none for a unit that
         could not be read: :func:`~curate.engine.parts.read_shards` records why)."""
-        for batch in read_shards(units, **self.read or {}):
+        for batch in read_shards(units, **read):
             yield self._one(batch)
 
     def _one(self, batch: pa.Table) -> pa.Table:

@@ -33,9 +33,9 @@ from curate.fsutil import TEMP_NAME, write_json
 
 WORK = "_work"
 DONE = "_done"
+SOURCE_ERRORS = "source_errors"
 
 log = logging.getLogger(__name__)
-SOURCE_ERRORS = "source_errors"
 
 
 @contextlib.contextmanager

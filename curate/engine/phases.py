@@ -99,42 +99,34 @@ class Finalizer:
         self.run = run
         # one per CPU at most, and never more than the memory cap (each holds one shard's parts)
         self.max_in_flight = min(MAX_FINALIZE_IN_FLIGHT, cluster_cpus())
-        self.in_flight: list = []
+        self.in_flight: list[futures.Future] = []
         self.pool: ThreadPoolExecutor | None = None
-        self.remote = None
         if joins_cluster(run.recipe.runtime.ray_address):
             import ray
 
-            self.remote = ray.remote(num_cpus=0, max_retries=3)(finalize_shard)  # I/O: never wait behind actors
+            remote = ray.remote(num_cpus=0, max_retries=3)(finalize_shard)  # I/O: never wait behind actors
+            self._start = lambda kwargs: remote.remote(**kwargs).future()  # raises what ray.get raises
         else:
-            self.pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="curate-finalize")
+            pool = self.pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="curate-finalize")
+            self._start = lambda kwargs: pool.submit(finalize_shard, **kwargs)
 
     def submit(self, marker: ShardMarker) -> None:
         thumbnails = self.run.recipe.write.thumbnails
-        kwargs = {"marker": marker, "formats": list(self.run.recipe.write.formats), "ctx": self.run.sink_ctx,
-                  "kept_samples_dir": self.run.layout.work("kept") if thumbnails else None,
-                  "part_samples": shard_sample_paths(self.run.layout, len(self.run.plan.phases), marker)
-                  if thumbnails else None}
-        if self.pool is not None:
-            self.in_flight.append(self.pool.submit(finalize_shard, **kwargs))
-            while len(self.in_flight) >= self.max_in_flight:
-                done, still = futures.wait(self.in_flight, return_when=futures.FIRST_COMPLETED)
-                self.in_flight = [f for f in self.in_flight if f in still]
-                for f in done:
-                    f.result()
-            return
-        import ray
-
-        assert self.remote is not None
-        self.in_flight.append(self.remote.remote(**kwargs))
+        self.in_flight.append(self._start({
+            "marker": marker, "formats": list(self.run.recipe.write.formats), "ctx": self.run.sink_ctx,
+            "kept_samples_dir": self.run.layout.work("kept") if thumbnails else None,
+            "part_samples": shard_sample_paths(self.run.layout, len(self.run.plan.phases), marker)
+            if thumbnails else None}))
         while len(self.in_flight) >= self.max_in_flight:
-            ready, self.in_flight = ray.wait(self.in_flight, num_returns=1)
-            ray.get(ready)
+            done, _ = futures.wait(self.in_flight, return_when=futures.FIRST_COMPLETED)
+            self.in_flight = [f for f in self.in_flight if f not in done]
+            for f in done:
+                f.result()
 
     def wait(self) -> None:
         try:
-            for item in self.in_flight:
-                self._result(item)
+            for f in self.in_flight:
+                f.result()
         except BaseException:
             self.settle()
             raise
@@ -145,18 +137,11 @@ class Finalizer:
         """Let finalize work still running end before the run raises: none keeps writing behind the
         user's back (or the re-run's), and their own errors (a full disk hits them all) are not logged
         as unhandled."""
-        for item in self.in_flight:
+        for f in self.in_flight:
             with contextlib.suppress(Exception):
-                self._result(item)
+                f.result()
         self.in_flight = []
         self._close()
-
-    def _result(self, item: Any) -> Any:
-        if isinstance(item, futures.Future):
-            return item.result()
-        import ray
-
-        return ray.get(item)
 
     def _close(self) -> None:
         if self.pool is not None:
