@@ -14,6 +14,7 @@ Run it from the repository root with curate's own virtual environment::
     .venv/bin/python benchmarks/download.py --cpus 12 --pin --json bench.json
     .venv/bin/python benchmarks/download.py --only curate --keep
     .venv/bin/python benchmarks/download.py -n 20000 --also-n 5000 --cpus 2   # + per-image rates
+    .venv/bin/python benchmarks/download.py -n 20000 --also-n 5000 --cpus 2 --stage-cpu  # + CPU per image
     .venv/bin/python benchmarks/download.py --latency-median-ms 200 --latency-sigma 0.5 --hosts 32
 
 **Web-latency mode** (``--latency-median-ms``): every reply waits a lognormal time
@@ -383,6 +384,28 @@ def print_marginal(results: list[Result], smaller: list[Result]) -> dict[str, An
     return out
 
 
+def print_cpu_per_row(results: list[Result], smaller: list[Result], stage_per_image: float) -> dict[str, Any]:
+    """Split each curate run's CPU into a fixed part and a part per image (the N run minus the M
+    run, as :func:`print_marginal` does for time) and print the latter against the stage alone's.
+
+    The whole run's CPU per image mixes the two: start-up (interpreters, imports, Ray's daemons,
+    the actors' set-up, the report) is paid once, and a longer list spreads it thinner."""
+    out = {}
+    for big in results:
+        small = next((r for r in smaller if r.label == f"{big.label} n={r.samples}"), None)
+        cpu_big = big.extra.get("cpu_seconds") if big.tool == "curate" else None
+        cpu_small = small.extra.get("cpu_seconds") if small is not None else None
+        if not cpu_big or not cpu_small or big.samples <= small.samples:
+            continue
+        per_row = (cpu_big - cpu_small) / (big.samples - small.samples)
+        fixed = cpu_small - small.samples * per_row
+        out[big.label] = {"cpu_per_image": per_row, "fixed_cpu_seconds": fixed,
+                          "over_stage": per_row / stage_per_image}
+        print(f"  {big.label}: per image beyond the first {small.samples} {per_row * 1000:.2f} ms = "
+              f"{per_row / stage_per_image:.2f}x the stage's; fixed about {fixed:.1f} s of CPU")
+    return out
+
+
 def best(results: list[Result], tool: str) -> Result | None:
     """The tool's fastest run by wall-clock samples/s."""
     runs = [r for r in results if r.tool == tool]
@@ -448,7 +471,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=("curate", "img2dataset"), help="run one tool")
     p.add_argument("--stage-cpu", action="store_true",
                    help="also run curate's download stage alone in one process (no Ray) and print each "
-                        "curate run's CPU per image against it: the engine's overhead")
+                        "curate run's CPU per image against it: the engine's overhead (with --also-n, "
+                        "also per image beyond the first M, the fixed CPU left out)")
     p.add_argument("--server", choices=("auto", "nginx", "aiohttp"), default="auto",
                    help="static server: nginx when on PATH, else aiohttp (aiohttp with latency)")
     p.add_argument("--server-workers", type=int, default=SERVER_WORKERS,
@@ -581,6 +605,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if cpu:
                 print(f"  {r.label}: whole run {cpu:.1f} s CPU = {cpu / n * 1000:.2f} ms per image = "
                       f"{cpu / n / per:.2f}x the stage's (goal <= 1.2x)")
+        if marginal is not None:
+            marginal["cpu"] = print_cpu_per_row(results, smaller, per)
     if keep:
         print(f"outputs and logs kept in {workdir}")
     if args.json:
