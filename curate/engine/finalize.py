@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -34,17 +35,27 @@ def finalize_shard(*, marker: ShardMarker, formats: list[str], ctx: SinkContext,
     With ``kept_samples_dir`` (``write.thumbnails``) the shard's sample, its kept rows' and its parts'
     (``part_samples``), is thumbnailed there."""
     tables = read_part_files(marker.parts)
+    # A part holds one work unit's rows in key order and units are disjoint ranges of keys, so in
+    # the order of their first keys the parts are usually the shard sorted already (they arrive in
+    # the order their units finished): then the sort below copies no image.
+    tables.sort(key=_first_key)
     table = rows.concat(tables) if tables else pa.table({})
     del tables
     table = table.drop([c for c in table.column_names if c == rows.SHARD])
     kept = table
     if table.num_rows:
         # Sort once by key; image bytes are copied only for the kept rows (the sinks that read every
-        # row, the ledger and the stats, never read them).
+        # row, the ledger and the stats, never read them), and not at all when the rows are in key
+        # order and all kept (a shard of 12,500 downloaded images: ~300 MB not copied).
         order = pc.sort_indices(table[rows.KEY])
-        is_kept = pc.equal(table[rows.STATUS], rows.KEPT).take(order)
-        kept = table.take(order.filter(is_kept))
-        table = table.drop([c for c in table.column_names if c == rows.IMAGE]).take(order)
+        is_kept = pc.fill_null(pc.equal(table[rows.STATUS], rows.KEPT), False)
+        image_cols = [c for c in table.column_names if c == rows.IMAGE]
+        if np.array_equal(order.to_numpy(), np.arange(table.num_rows)):
+            kept = table if pc.all(is_kept).as_py() else table.filter(is_kept)
+            table = table.drop(image_cols)
+        else:
+            kept = table.take(order.filter(is_kept.take(order)))
+            table = table.drop(image_cols).take(order)
     dropped: dict[str, dict[str, int]] = {}
     if table.num_rows:
         for by, reason in zip(table[rows.DROPPED_BY].to_pylist(), table[rows.REASON].to_pylist(), strict=True):
@@ -67,6 +78,10 @@ def finalize_shard(*, marker: ShardMarker, formats: list[str], ctx: SinkContext,
     with writing(path):
         write_json(path, done)
     return done
+
+
+def _first_key(table: pa.Table) -> str:
+    return table[rows.KEY][0].as_py() if table.num_rows else ""
 
 
 @dataclass
