@@ -94,9 +94,9 @@ from _harness import (
     read_all,
     run_curate,
     run_img2dataset,
+    run_stage_alone,
     sigterm_as_interrupt,
     start_server,
-    tool_env,
     url_list,
 )
 
@@ -251,45 +251,11 @@ def curate_result(recipe: Path, urls: Path, out: Path, *, n: int, cpus: int, sha
     )
 
 
-STAGE_CPU_SCRIPT = r"""
-import json, sys, time
-import pyarrow as pa, pyarrow.parquet as pq
-from curate.recipe import load_recipe
-from curate.stages.base import StageContext
-from curate.stages.registry import stage_class
-recipe, urls, sets = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-r = load_recipe(recipe, overrides=sets, input_path=urls, output_path="/tmp/unused")
-cfg = next(c for c in r.stages if c.use == "download")
-stage = stage_class("download")(cfg)
-stage.setup(StageContext())
-t = pq.read_table(urls)
-n = t.num_rows
-t = pa.table({"key": [f"{i:09d}" for i in range(n)], "url": t["url"], "caption": t["caption"],
-              "status": pa.array(["kept"] * n), "dropped_by": pa.nulls(n, pa.string()),
-              "reason": pa.nulls(n, pa.string())})
-batch = cfg.resources.batch_size or r.runtime.batch_size
-c0, w0 = time.process_time(), time.perf_counter()
-kept = 0
-for start in range(0, n, batch):
-    out = stage(t.slice(start, batch))
-    kept += sum(1 for s in out["status"].to_pylist() if s == "kept")
-cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-stage.teardown()
-print(json.dumps({"images": n, "kept": kept, "cpu_seconds": cpu, "wall_seconds": wall}))
-"""
-
-
 def stage_cpu(recipe: Path, urls: Path, *, cpus: int, shard: int, extra: Sequence[str] = ()) -> dict[str, Any]:
     """The download stage alone, in one process (no Ray): CPU seconds per image, the bar the whole
     run's CPU per image is measured against (engine overhead = run / stage)."""
-    import subprocess
-
     sets = curate_overrides(recipe, cpus=cpus, shard=shard, extra=extra)
-    proc = subprocess.run([sys.executable, "-c", STAGE_CPU_SCRIPT, str(recipe), str(urls), json.dumps(sets)],
-                          capture_output=True, text=True, env=tool_env(), timeout=TOOL_TIMEOUT)
-    if proc.returncode != 0:
-        raise ToolFailed(f"download stage in-process: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_stage_alone(recipe, urls, sets, timeout=TOOL_TIMEOUT)
 
 
 # ------------------------------------------------------------------ report

@@ -13,7 +13,14 @@ on ``sys.path``) and import from here::
 - :mod:`.img2dataset`: img2dataset in its own virtual environment, its fastest setup.
 """
 
-from .curate_cli import CurateRun, Timings, curate_command, describe_timings, run_curate
+from .curate_cli import (
+    CurateRun,
+    Timings,
+    curate_command,
+    describe_timings,
+    run_curate,
+    run_stage_alone,
+)
 from .img2dataset import (
     BENCH_VENV,
     IMG2DATASET_PINS,
@@ -71,6 +78,7 @@ __all__ = [
     "make_jpeg",
     "read_all",
     "run_curate",
+    "run_stage_alone",
     "run_img2dataset",
     "run_tool",
     "sigterm_as_interrupt",

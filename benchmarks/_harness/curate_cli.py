@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .procs import ToolRun, run_tool, tool_env
+from .procs import ToolFailed, ToolRun, run_tool, tool_env
 
 
 @dataclass
@@ -182,3 +182,44 @@ def run_curate(
     )
     manifest = json.loads((output / "manifest.json").read_text())
     return CurateRun(run, output, manifest, Timings.from_manifest(manifest), ["curate", *cli])
+
+
+STAGE_ALONE_SCRIPT = r"""
+import json, sys, time
+import pyarrow as pa, pyarrow.parquet as pq
+from curate.recipe import load_recipe
+from curate.stages.base import StageContext
+from curate.stages.registry import stage_class
+recipe, urls, sets = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+r = load_recipe(recipe, overrides=sets, input_path=urls, output_path="/tmp/unused")
+cfg = next(c for c in r.stages if c.use == "download")
+stage = stage_class("download")(cfg)
+stage.setup(StageContext())
+t = pq.read_table(urls)
+n = t.num_rows
+t = pa.table({"key": [f"{i:09d}" for i in range(n)], "url": t["url"], "caption": t["caption"],
+              "status": pa.array(["kept"] * n), "dropped_by": pa.nulls(n, pa.string()),
+              "reason": pa.nulls(n, pa.string())})
+batch = cfg.resources.batch_size or r.runtime.batch_size
+c0, w0 = time.process_time(), time.perf_counter()
+kept = 0
+for start in range(0, n, batch):
+    out = stage(t.slice(start, batch))
+    kept += sum(1 for s in out["status"].to_pylist() if s == "kept")
+cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+stage.teardown()
+print(json.dumps({"images": n, "kept": kept, "cpu_seconds": cpu, "wall_seconds": wall}))
+"""
+
+
+def run_stage_alone(recipe: Path, urls: Path, sets: Sequence[str], *, timeout: float) -> dict[str, Any]:
+    """The recipe's download stage alone, in one process (no Ray), over a URL list: its CPU seconds
+    (``cpu_seconds``, after set-up and imports), images and kept rows. The bar a whole run's CPU per
+    image is measured against."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", STAGE_ALONE_SCRIPT, str(recipe), str(urls), json.dumps(list(sets))],
+                          capture_output=True, text=True, env=tool_env(), timeout=timeout)
+    if proc.returncode != 0:
+        raise ToolFailed(f"download stage in-process: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
