@@ -80,8 +80,11 @@ def finalize_shard(*, marker: ShardMarker, formats: list[str], ctx: SinkContext,
     return done
 
 
-def _first_key(table: pa.Table) -> str:
-    return table[rows.KEY][0].as_py() if table.num_rows else ""
+def _first_key(table: pa.Table) -> tuple[bool, str]:
+    """A part's place in the shard: its first key (an empty part first; a null key, which no source
+    writes, last, where the sort puts it)."""
+    key = table[rows.KEY][0].as_py() if table.num_rows else ""
+    return key is None, key or ""
 
 
 @dataclass
