@@ -322,6 +322,11 @@ def print_table(results: list[Result], *, headline: bool = True) -> float | None
     return ratio
 
 
+def smaller_run(big: Result, smaller: list[Result]) -> Result | None:
+    """The --also-n run of the same tool and settings as ``big`` (labelled ``"<big's label> n=M"``)."""
+    return next((r for r in smaller if r.label == f"{big.label} n={r.samples}"), None)
+
+
 def print_marginal(results: list[Result], smaller: list[Result]) -> dict[str, Any]:
     """Print each run's rate over the images the N run has beyond the M run; return the figures.
 
@@ -331,7 +336,7 @@ def print_marginal(results: list[Result], smaller: list[Result]) -> dict[str, An
     pairs = {}
     print("rate over the extra images (N run minus M run: start-up cancels out):")
     for big in results:
-        small = next((r for r in smaller if r.label == f"{big.label} n={r.samples}"), None)
+        small = smaller_run(big, smaller)
         if small is None or big.seconds <= small.seconds or big.successes <= small.successes:
             print(f"  {big.label}: no rate (the N run is not both longer and larger than the M run)")
             continue
@@ -358,7 +363,7 @@ def print_cpu_per_row(results: list[Result], smaller: list[Result], stage_per_im
     the actors' set-up, the report) is paid once, and a longer list spreads it thinner."""
     out = {}
     for big in results:
-        small = next((r for r in smaller if r.label == f"{big.label} n={r.samples}"), None)
+        small = smaller_run(big, smaller)
         cpu_big = big.extra.get("cpu_seconds") if big.tool == "curate" else None
         cpu_small = small.extra.get("cpu_seconds") if small is not None else None
         if not cpu_big or not cpu_small or big.samples <= small.samples:

@@ -335,10 +335,11 @@ def _band_task(h: np.ndarray, bands: list[Band], bi: int, tops: list[int], equal
         shift = np.array([b.shift for b in earlier], np.uint64)
         width_mask = np.array([(1 << b.width) - 1 for b in earlier], np.uint64)
         radius = np.array([b.radius for b in earlier], np.int64)
+        join = _kernels().k_mask_join
         for top in tops:
             masks = np.array(_flip_masks(top, band.radius), np.uint64)
-            left, right, seen = _kernels().k_mask_join(values, starts, counts, hs, order, top, masks, start_of,
-                                                       count_of, max_distance, shift, width_mask, radius)
+            left, right, seen = join(values, starts, counts, hs, order, top, masks, start_of, count_of,
+                                     max_distance, shift, width_mask, radius)
             found.add(left, right, seen)
         return found.result()
 

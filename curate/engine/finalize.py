@@ -48,7 +48,7 @@ def finalize_shard(*, marker: ShardMarker, formats: list[str], ctx: SinkContext,
         # row, the ledger and the stats, never read them), and not at all when the rows are in key
         # order and all kept (a shard of 12,500 downloaded images: ~300 MB not copied).
         order = pc.sort_indices(table[rows.KEY])
-        is_kept = pc.fill_null(pc.equal(table[rows.STATUS], rows.KEPT), False)
+        is_kept = pc.fill_null(rows.live_mask(table), False)
         image_cols = [c for c in table.column_names if c == rows.IMAGE]
         if np.array_equal(order.to_numpy(), np.arange(table.num_rows)):
             kept = table if pc.all(is_kept).as_py() else table.filter(is_kept)
