@@ -98,7 +98,9 @@ def ensure_images(n: int, cache: Path, workers: int) -> Path:
     if missing:
         log.info("generating %d images in %s with %d processes", len(missing), folder, workers)
         t0 = time.perf_counter()
-        with multiprocessing.Pool(workers) as pool:
+        # The pool ends its workers with SIGTERM: they must die quietly, not run the benchmark's
+        # handler (sigterm_as_interrupt), which would print a KeyboardInterrupt from each of them.
+        with multiprocessing.Pool(workers, initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
             for _ in pool.imap_unordered(
                 _write_image, [(str(folder), i) for i in missing], chunksize=64
             ):
