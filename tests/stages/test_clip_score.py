@@ -119,6 +119,25 @@ def test_local_checkpoint_path_loads(tmp_path):
     assert stage(_table([img], [cap]))["clip_score"].to_pylist()[0] is not None
 
 
+def test_checkpoint_in_torchs_legacy_format_loads_and_scores_the_same(tmp_path):
+    """A zip checkpoint is memory-mapped by torch.load; one in the legacy format cannot be, and
+    loads the ordinary way instead: the same weights, the same scores."""
+    import torch
+
+    from curate.models.clip import DEMO_WEIGHTS
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save(torch.load(DEMO_WEIGHTS, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    pairs = _scene_pairs(4, seed=11)
+    table = _table([p[0] for p in pairs], [p[1] for p in pairs])
+    scores = []
+    for ckpt in (DEMO_WEIGHTS, legacy):
+        stage = ClipScore(ClipScoreConfig(model="curate-demo-clip", pretrained=str(ckpt)))
+        stage.setup(StageContext())
+        scores.append(stage(table)["clip_score"].to_pylist())
+    assert scores[0] == scores[1] and None not in scores[0]
+
+
 def test_fraction_mode_across_shards(tmp_path, make_recipe, ray_session):
     pairs = _scene_pairs(60, seed=77)
     rng = random.Random(0)
