@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from _harness import ToolFailed, run_curate, sigterm_as_interrupt
@@ -148,15 +149,12 @@ def main() -> None:
                        row_group_size=256)
         runs = []
         for i in range(a.repeat):
+            tools = {"loop": partial(bare_loop, src, a.images, a.model, ckpt, a.cpus, a.batch),
+                     "curate": partial(pipeline, src, a.images, a.model, ckpt, a.cpus, a.batch,
+                                       workdir / f"run{i}", a.actor_cpus)}
             # Alternate which goes first, so a shared machine's drift over the minutes falls on both.
-            if i % 2 == 0:
-                bare, bare_ni = bare_loop(src, a.images, a.model, ckpt, a.cpus, a.batch)
-                piped, whole = pipeline(src, a.images, a.model, ckpt, a.cpus, a.batch, workdir / f"run{i}",
-                                        a.actor_cpus)
-            else:
-                piped, whole = pipeline(src, a.images, a.model, ckpt, a.cpus, a.batch, workdir / f"run{i}",
-                                        a.actor_cpus)
-                bare, bare_ni = bare_loop(src, a.images, a.model, ckpt, a.cpus, a.batch)
+            got = {name: tools[name]() for name in (("loop", "curate") if i % 2 == 0 else ("curate", "loop"))}
+            (bare, bare_ni), (piped, whole) = got["loop"], got["curate"]
             runs.append({"bare_images_per_s": round(bare, 2), "bare_images_per_s_imports_excluded": round(bare_ni, 2),
                          "curate_images_per_s": round(piped, 2) if piped else None,
                          "curate_whole_command_images_per_s": round(whole, 2),

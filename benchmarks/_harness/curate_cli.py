@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -216,8 +217,6 @@ def run_stage_alone(recipe: Path, urls: Path, sets: Sequence[str], *, timeout: f
     """The recipe's download stage alone, in one process (no Ray), over a URL list: its CPU seconds
     (``cpu_seconds``, after set-up and imports), images and kept rows. The bar a whole run's CPU per
     image is measured against."""
-    import subprocess
-
     proc = subprocess.run([sys.executable, "-c", STAGE_ALONE_SCRIPT, str(recipe), str(urls), json.dumps(list(sets))],
                           capture_output=True, text=True, env=tool_env(), timeout=timeout)
     if proc.returncode != 0:
