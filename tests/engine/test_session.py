@@ -136,3 +136,36 @@ def test_a_local_run_answers_ray_datas_helper_actors_in_the_driver():
     ok, stock = _dataset_run(CURATE_RAY_LOGS="1")
     assert ok
     assert all(h in stock for h in RAY_DATA_HELPERS), stock
+
+
+_START_AND_REPORT_THE_NODE_POLL = """
+import json
+import curate.engine.session as session
+calls = []
+original = session.node_registered
+def spy(gcs_address, node_id, limit_s):
+    found = original(gcs_address, node_id, limit_s)
+    calls.append({"node_id": node_id, "found": found})
+    return found
+session.node_registered = spy
+session.start_ray(ray_address=None, num_cpus=1)
+import ray
+print(json.dumps({"calls": calls, "node_id": ray.get_runtime_context().get_node_id()}))
+"""
+
+
+def test_a_local_start_finds_its_raylet_in_the_node_table_before_rays_lookup():
+    """``ray.init`` would miss the raylet on its first lookup and sleep a second in C++ before the
+    next; a local run polls the GCS node table for it first (0.5 s off every start here)."""
+    got = _run_script(_START_AND_REPORT_THE_NODE_POLL, 120)
+    assert got["calls"] == [{"node_id": got["node_id"], "found": True}]
+
+
+def test_polling_for_a_node_that_never_registers_gives_up_at_its_limit(ray_session):
+    import ray
+
+    from curate.engine.session import node_registered
+
+    gcs = ray.get_runtime_context().gcs_address
+    assert node_registered(gcs, ray.get_runtime_context().get_node_id(), 5.0)
+    assert not node_registered(gcs, "ab" * 28, 0.3)
