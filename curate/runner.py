@@ -85,8 +85,13 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
         raise
     from curate.stats.report import preload
 
-    # the report's imports while the stages work, not after the last shard
-    threading.Thread(target=preload, name="curate-preload-report", daemon=True).start()
+    def preload_when_busy() -> None:
+        state.workers_busy.wait()
+        preload()
+
+    # the report's imports while the stages work, not after the last shard; not before Ray's workers
+    # run either: the imports would take the driver's CPU from Ray Data's start-up and the actors' creation
+    threading.Thread(target=preload_when_busy, name="curate-preload-report", daemon=True).start()
 
     def manifest() -> Manifest:
         timings.total = time.time() - born
@@ -117,6 +122,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, progress: bool | None = None
             raise
         raise cause from e
     finally:
+        state.workers_busy.set()
         if view is not None:
             view.close()
     result = manifest()

@@ -264,3 +264,27 @@ def test_global_stage_refuses_keys_repeated_across_shards(tmp_path, make_recipe,
                           "write": {"output": str(tmp_path / "o")}})
     with pytest.raises(InputError, match=r"unique keys; repeated: \['k0', 'k1', 'k2'\]"):
         run(load_recipe(recipe))
+
+
+def test_the_reports_imports_wait_until_rays_workers_hand_rows_back(tmp_path, make_recipe, ray_session,
+                                                                     monkeypatch):
+    """The report's imports (about a second of the driver's CPU) run while the stages work, not while
+    Ray Data starts its operators and the first actors are created."""
+    import curate.stats.report as report
+    from curate.engine.events import RowsDone
+
+    _world(tmp_path)
+    events: list[tuple[str, float]] = []
+    monkeypatch.setattr(report, "preload", lambda: events.append(("preload", time.monotonic())))
+
+    def on_progress(event):
+        if isinstance(event, RowsDone):
+            events.append(("rows", time.monotonic()))
+
+    run(load_recipe(_recipe(tmp_path, make_recipe)), on_progress=on_progress)
+    for _ in range(50):  # the preload thread may still be on its way once the run returns
+        if any(name == "preload" for name, _ in events):
+            break
+        time.sleep(0.1)
+    names = [name for name, _ in sorted(events, key=lambda e: e[1])]
+    assert names.count("preload") == 1 and names.index("preload") > names.index("rows")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,10 @@ class RunState:
     rows_back_at: float | None = None
     #: the driver's own work on phase 0 while Ray starts (:mod:`curate.engine.warm`), if any
     warm: WarmStart | None = None
+    #: set when Ray's workers first hand rows back: the driver's background work that can wait (the
+    #: report's imports) waits for it, so it does not take the driver's CPU from Ray's start-up and the
+    #: first actors' creation (``curate run`` sets it too when its phases end)
+    workers_busy: threading.Event = field(default_factory=threading.Event)
 
 
 def begin_warm_start(run: RunState) -> None:
@@ -283,6 +288,7 @@ def _stream(run: RunState, phase: Phase, to_run: list[dict[str, Any]], finalizer
             take(report)
         if ds is not None:
             for out in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                run.workers_busy.set()
                 for report in warm.reports() if warm is not None else ():
                     take(report)
                 take(out)
