@@ -146,47 +146,51 @@ def _lean_local_node() -> Iterator[None]:
             services.get_node = original_get_node
 
 
-#: How often :func:`_polled` looks for the new raylet in the GCS's node table, and for how long at most.
+#: How often :func:`_polled` looks for the new raylet in the GCS's node table, and for how long at
+#: most: Ray's own wait for it (``Node.__init__``: 30 s), so a raylet that never comes fails as late as before.
 NODE_POLL_S = 0.02
 NODE_POLL_LIMIT_S = 30.0
 
 
 def _polled(get_node):
-    """Ray's ``services.get_node``, called only once the node is in the GCS's node table.
+    """Ray's ``services.get_node``, called once the node is in the GCS's node table.
 
     ``ray.init`` asks for its new raylet's node 0.1 s after starting it, and Ray's C++ lookup, on
     a miss, sleeps a whole second before it asks again: the raylet registers 0.5-0.8 s after its
     start here, so every local start waited for the second try (and under load, for a third).
     Polling the node table (the same GCS) every 20 ms first (:func:`node_registered`):
     ``ray.init(num_cpus=2)`` on an idle 2-core machine 1.65-1.69 s → 1.14-1.19 s (alternating
-    runs). Ray's own lookup still runs after it, with its timeout and errors."""
+    runs). A node that never shows is a miss, as Ray's lookup reports one (``ray.init`` then fails
+    with its own timeout); if Ray's internals here are not what the poll expects, Ray's lookup runs
+    as it would have."""
 
     def polled(gcs_address, node_id):
-        node_registered(gcs_address, node_id, NODE_POLL_LIMIT_S)
+        try:
+            found = node_registered(gcs_address, node_id, NODE_POLL_LIMIT_S)
+        except Exception:  # noqa: BLE001 - another Ray's internals: its own lookup decides
+            log.debug("polling the GCS node table failed", exc_info=True)
+            return get_node(gcs_address, node_id)
+        if not found:
+            raise RuntimeError(f"node {node_id} not in the GCS node table after {NODE_POLL_LIMIT_S:.0f}s")
         return get_node(gcs_address, node_id)
 
     return polled
 
 
 def node_registered(gcs_address: str, node_id: str, limit_s: float) -> bool:
-    """Whether node ``node_id`` (hex) shows in the GCS's node table within ``limit_s`` seconds.
-    False too when Ray's internals here are not what this expects (logged at debug level)."""
-    try:
-        from ray._private import services
-        from ray._private.state import GlobalState
+    """Whether node ``node_id`` (hex) shows in the GCS's node table within ``limit_s`` seconds."""
+    from ray._private import services
+    from ray._private.state import GlobalState
 
-        state = GlobalState()
-        state._initialize_global_state(services._get_gcs_client_options(gcs_address))
-        deadline = time.monotonic() + limit_s
-        while True:
-            if any(n.get("NodeID") == node_id for n in state.node_table()):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(NODE_POLL_S)
-    except Exception:  # noqa: BLE001 - another Ray's internals: its own lookup decides
-        log.debug("polling the GCS node table failed", exc_info=True)
-        return False
+    state = GlobalState()
+    state._initialize_global_state(services._get_gcs_client_options(gcs_address))
+    deadline = time.monotonic() + limit_s
+    while True:
+        if any(n.get("NodeID") == node_id for n in state.node_table()):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(NODE_POLL_S)
 
 
 #: Ray's C++ log level unless the user set one: its warnings (e.g. "actor constructor arguments in
